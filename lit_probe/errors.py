@@ -1,0 +1,37 @@
+"""Errors
+======
+
+The exceptions lit_probe raises. Each configuration error is also a :class:`ValueError`, so code that
+already catches ``ValueError`` around trainer set-up keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ProbeError", "ProbeConfigError", "ProbeSelectionError", "ProbeAlarm"]
+
+
+class ProbeError(Exception):
+    """Base class of every exception raised by lit_probe."""
+
+
+class ProbeConfigError(ProbeError, ValueError):
+    """A :class:`~lit_probe.FeatureProbe` argument, or a probe declaration, is invalid."""
+
+
+class ProbeSelectionError(ProbeConfigError):
+    """A probe path, glob, type or regex does not match any module of the model."""
+
+
+class ProbeAlarm(ProbeError, RuntimeError):
+    """Raised by ``FeatureProbe(on_finding="raise")`` when a finding fires.
+
+    Attributes:
+        findings: the findings that triggered the alarm (the first one is the earliest).
+    """
+
+    def __init__(self, message: str, findings: list | None = None) -> None:
+        super().__init__(message)
+        self.findings = list(findings or [])
+
+    def __reduce__(self):  # keep the findings when the alarm crosses a process boundary (ddp_spawn)
+        return (type(self), (self.args[0] if self.args else "", self.findings))

@@ -1,0 +1,146 @@
+"""History
+=======
+
+The host side of the device/host boundary. :class:`StatBuffer` rows arrive here once per log step (one
+copy, optionally reduced across ranks by a callable the callback injects) and become per-step statistics
+per (layer, signal), kept in a bounded ring so memory stays flat however long training runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .stats import COLUMNS, HostRows
+
+__all__ = ["STATS", "History", "Derived", "derive"]
+
+#: Per-step statistics kept for every (layer, signal). NaN means "not measured at that step".
+STATS = ("calls", "count", "nonfinite", "zero_fraction", "mean", "rms", "absmax", "min", "max", "l2", "full",
+         "skipped")
+_I = {name: i for i, name in enumerate(STATS)}
+_C = {name: i for i, name in enumerate(COLUMNS)}
+
+
+class Derived:
+    """Per-step statistics for a block of steps: ``values[n, slots, len(STATS)]``."""
+
+    def __init__(self, steps: np.ndarray, values: np.ndarray, order: list[list[int]]) -> None:
+        self.steps = steps
+        self.values = values
+        self.order = order
+
+    def get(self, stat: str) -> np.ndarray:
+        return self.values[:, :, _I[stat]]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def derive(rows: HostRows, grad_slots: np.ndarray, unit_slots: np.ndarray) -> Derived:
+    """Turn raw buffer rows into statistics. Gradient slots are divided by the loss scale in force."""
+    dev = rows.dev.astype(np.float64)
+    n, slots = rows.calls.shape
+    out = np.full((n, slots, len(STATS)), np.nan)
+    calls = rows.calls.astype(np.float64)
+    numel = rows.numel.astype(np.float64)
+    seen = calls > 0
+    full = rows.full > 0
+    with np.errstate(all="ignore"):
+        scale = rows.scale[:, 0].astype(np.float64) if rows.scale.size else np.full(n, np.nan)
+        inv = np.where(np.isfinite(scale) & (scale > 0), 1.0 / scale, 1.0)[:, None] * np.ones((1, slots))
+        inv = np.where(grad_slots[None, :], inv, 1.0)
+        mn = dev[:, :, _C["min"]] * inv
+        mx = dev[:, :, _C["max"]] * inv
+        out[:, :, _I["calls"]] = calls
+        out[:, :, _I["count"]] = numel
+        out[:, :, _I["min"]] = np.where(seen, mn, np.nan)
+        out[:, :, _I["max"]] = np.where(seen, mx, np.nan)
+        absmax = np.maximum(np.abs(mn), np.abs(mx))
+        absmax = np.where(np.isnan(mn) | np.isnan(mx), np.nan, absmax)
+        out[:, :, _I["absmax"]] = np.where(seen, absmax, np.nan)
+        # the count is measured on full steps; the flag (min/max non-finite) on every step: see nonfinite_flags
+        out[:, :, _I["nonfinite"]] = np.where(seen & full, dev[:, :, _C["nonfinite"]], np.nan)
+        ok = full & seen & (numel > 0)
+        out[:, :, _I["mean"]] = np.where(ok, dev[:, :, _C["sum"]] * inv / numel, np.nan)
+        l2 = dev[:, :, _C["l2"]] * inv
+        out[:, :, _I["l2"]] = np.where(ok, l2, np.nan)
+        out[:, :, _I["rms"]] = np.where(ok, l2 / np.sqrt(np.maximum(numel, 1)), np.nan)
+        zf = 1.0 - dev[:, :, _C["nonzero"]] / np.maximum(numel, 1)
+        out[:, :, _I["zero_fraction"]] = np.where(ok & unit_slots[None, :], zf, np.nan)
+        out[:, :, _I["full"]] = full
+        skipped = (np.isfinite(rows.scale[:, 0]) & np.isfinite(rows.scale[:, 1]) & (rows.scale[:, 1] < rows.scale[:, 0])
+                   ) if rows.scale.size else np.zeros(n, bool)
+        out[:, :, _I["skipped"]] = skipped[:, None]
+    return Derived(rows.steps.copy(), out, rows.order)
+
+
+def nonfinite_flags(d: Derived) -> np.ndarray:
+    """``[n, slots]`` True where a slot saw NaN or Inf at that step (exact, measured every step)."""
+    mn, mx, calls = d.get("min"), d.get("max"), d.get("calls")
+    with np.errstate(invalid="ignore"):
+        return (calls > 0) & ~(np.isfinite(mn) & np.isfinite(mx))
+
+
+class History:
+    """Bounded per-step history of every (layer, signal) stream.
+
+    Args:
+        names: one name per slot (for messages and keys).
+        capacity: steps kept on the host; older steps are dropped (bounded memory).
+        reduce: optional callable applied to the packed host array before anything else (cross-rank
+            reduction, entered by every rank at the same steps).
+    """
+
+    def __init__(self, names: Sequence[str], capacity: int = 1000,
+                 reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        self.names = list(names)
+        self.capacity = max(1, int(capacity))
+        self.reduce = reduce
+        slots = len(self.names)
+        self._steps = np.full(self.capacity, -1, dtype=np.int64)
+        self._values = np.full((self.capacity, slots, len(STATS)), np.nan, dtype=np.float32)
+        self._n = 0  # total rows appended
+        self.dead_fraction: dict[int, tuple[int, float]] = {}  # slot -> (step, fraction) at the last flush
+
+    def append(self, d: Derived) -> None:
+        for i in range(len(d)):
+            k = self._n % self.capacity
+            self._steps[k] = d.steps[i]
+            self._values[k] = d.values[i]
+            self._n += 1
+
+    def __len__(self) -> int:
+        return min(self._n, self.capacity)
+
+    def window(self, last: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The kept steps (oldest first) and their values ``[n, slots, len(STATS)]``."""
+        n = len(self)
+        if last is not None:
+            n = min(n, last)
+        idx = [(self._n - n + i) % self.capacity for i in range(n)]
+        return self._steps[idx].copy(), self._values[idx].copy()
+
+    def series(self, slot: int, stat: str, last: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        steps, values = self.window(last)
+        return steps, values[:, slot, _I[stat]]
+
+    def latest(self, slot: int, stat: str) -> float:
+        """The most recent measured value of ``stat`` for ``slot`` (NaN if none)."""
+        steps, vals = self.series(slot, stat)
+        ok = ~np.isnan(vals)
+        return float(vals[ok][-1]) if ok.any() else float("nan")
+
+    def to_csv(self, last: int | None = None) -> str:
+        """The kept history as CSV (the flight recorder): step, layer, signal stats..."""
+        steps, values = self.window(last)
+        head = "step,stream," + ",".join(STATS)
+        lines = [head]
+        for i, s in enumerate(steps):
+            for j, name in enumerate(self.names):
+                row = values[i, j]
+                if np.isnan(row[0]) or row[0] == 0:
+                    continue
+                lines.append(f"{int(s)},{name}," + ",".join("" if np.isnan(v) else f"{v:.6g}" for v in row))
+        return "\n".join(lines) + "\n"

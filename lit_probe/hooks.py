@@ -1,0 +1,159 @@
+"""Hooks
+=====
+
+:class:`HookRegistry` is the one owner of every hook lit_probe puts on a model. It registers a forward
+hook per probed module and, from inside it, a tensor hook on each output that requires grad; it removes
+every module handle on :meth:`HookRegistry.remove` (idempotent), which the session calls on every way
+out of a run.
+
+Why tensor hooks on the outputs, not ``register_full_backward_hook``: the gradient a full backward hook
+reports as ``grad_output`` is exactly the gradient of the loss with respect to the module's output,
+which a hook on the output tensor receives too. The full backward hook wraps outputs in a
+``BackwardHookFunction`` view, which breaks real models (torchvision ResNet: ``ReLU(inplace=True)`` and
+``out += identity`` after a probed module raise "Output 0 of BackwardHookFunction is a view and is being
+modified inplace", pytorch#61519), is silently never called for dict outputs, warns when no input
+requires grad, and changes tensor identity. A tensor hook registered before a later in-place op
+receives the gradient with respect to the value before that op — the module's own output — which is the
+documented meaning (PyTorch autograd notes, "Behavior of Tensor hooks when Tensor is modified in-place").
+
+Every hook body is guarded: the hooks return ``None`` (they never change a value), do nothing once
+the session is closed (a compiled graph may still call a removed hook), and a hook that fails disables
+itself with one warning naming the layer instead of stopping training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from .session import ProbeSession
+
+__all__ = ["HookRegistry", "iter_tensors", "hook_snapshot"]
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks")
+
+
+def iter_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
+    """Floating-point tensors in a module output: tensors, tuples, lists, dicts, namedtuples, dataclasses."""
+    if _depth > 8:
+        return
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.numel() > 0:
+            yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from iter_tensors(o, _depth + 1)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from iter_tensors(o, _depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from iter_tensors(getattr(obj, f.name, None), _depth + 1)
+
+
+def hook_snapshot(model: nn.Module) -> dict[str, dict[str, tuple]]:
+    """Every hook dict of every module of ``model``, as keys: to check that a run left none behind."""
+    snap = {}
+    for name, m in model.named_modules():
+        snap[name] = {d: tuple(getattr(m, d, {}).keys()) for d in _HOOK_DICTS}
+    return snap
+
+
+class _NoopHook:
+    """What a lit_probe hook becomes when a model is pickled or deep-copied while probed."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class _ForwardHook:
+    def __init__(self, session: "ProbeSession", index: int) -> None:
+        self.session = session
+        self.index = index
+        self.failed = False
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        s = self.session
+        if not s.collecting or self.failed:
+            return None
+        try:
+            s._on_output(self.index, output)
+        except Exception as err:  # never break the user's training
+            self.failed = True
+            s._hook_failed(self.index, "forward", err)
+        return None
+
+    def __reduce__(self):  # pickling/deep-copying a probed model must neither fail nor copy the session
+        return (_NoopHook, ())
+
+
+class _GradHook:
+    __slots__ = ("session", "index")
+
+    def __init__(self, session: "ProbeSession", index: int) -> None:
+        self.session = session
+        self.index = index
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        s = self.session
+        if not s.collecting:
+            return None
+        try:
+            s._on_grad(self.index, grad)
+        except Exception as err:
+            s._hook_failed(self.index, "gradient", err)
+        return None
+
+    def __reduce__(self):
+        return (_NoopHook, ())
+
+
+class HookRegistry:
+    """Owns the module hook handles of one session."""
+
+    def __init__(self) -> None:
+        self.handles: list[RemovableHandle] = []
+        self.forward_hooks: list[_ForwardHook] = []
+
+    def attach(self, session: "ProbeSession", modules: list[tuple[str, nn.Module]]) -> None:
+        """Register a forward hook on every module; on any failure, remove what was registered."""
+        if self.handles:
+            return  # idempotent: attached already
+        try:
+            for i, (_, module) in enumerate(modules):
+                hook = _ForwardHook(session, i)
+                self.handles.append(module.register_forward_hook(hook))
+                self.forward_hooks.append(hook)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Remove every handle (idempotent)."""
+        handles, self.handles = self.handles, []
+        for h in handles:
+            h.remove()
+        self.forward_hooks = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.handles)
+
+    def grad_hook(self, session: "ProbeSession", index: int) -> _GradHook:
+        return _GradHook(session, index)
+
+
+def warn_once(cache: set, key: Any, message: str, category: type[Warning] = UserWarning) -> None:
+    if key in cache:
+        return
+    cache.add(key)
+    warnings.warn(message, category, stacklevel=3)

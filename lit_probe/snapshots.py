@@ -1,0 +1,130 @@
+"""Figure inputs: turn a (possibly device-resident) tensor into the small numpy array a figure needs.
+
+Runs only on figure steps, on the training thread, inside a hook: it slices the few samples and
+channels a figure shows *on the tensor's device*, upcasts to float32 and copies to the CPU exactly once.
+The result is a fresh numpy array that shares no memory with the tensor (so a later in-place op on the
+tensor, e.g. ``ReLU(inplace=True)``, cannot change it) and holds no reference to it.
+
+Layouts (which dimension holds the channels):
+
+* ``"channels_first"`` -- conv-like ``[N, C, ...]``: samples on dim 0, channels on dim 1.
+* ``"channels_last"`` -- ``[N, F]`` or sequence ``[N, T, F]``: features on the last dim.
+* ``"auto"`` -- 2-D: ``channels_last``; >= 3-D: ``channels_first``. A 3-D tensor is ambiguous
+  (``[N, C, L]`` from ``Conv1d`` vs ``[N, T, F]`` from a transformer); pass the layout from
+  :func:`layout_for_module` when the module is known.
+
+Imports torch and numpy only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["LAYOUTS", "layout_for_module", "snapshot_tensor"]
+
+LAYOUTS = ("auto", "channels_first", "channels_last")
+
+_CHANNELS_FIRST_TYPES: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.Upsample,
+    nn.PixelShuffle,
+)
+_CHANNELS_LAST_TYPES: tuple[type, ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.LayerNorm,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.RNNBase,
+)
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    _CHANNELS_LAST_TYPES = _CHANNELS_LAST_TYPES + (nn.RMSNorm,)
+
+
+def layout_for_module(module: Any) -> str:
+    """Guess which dimension of a module's output holds its channels.
+
+    Args:
+        module: the probed module (anything; non-modules give ``"auto"``).
+
+    Returns:
+        ``"channels_first"`` for convolutions, batch/instance/group norms, pooling, 2-D/3-D dropout and
+        upsampling; ``"channels_last"`` for linear, layer norm, embeddings, attention, transformer and RNN
+        layers; ``"auto"`` otherwise (element-wise activations, custom blocks), where :func:`snapshot_tensor`
+        falls back to its shape rule.
+    """
+    if isinstance(module, _CHANNELS_LAST_TYPES):
+        return "channels_last"
+    if isinstance(module, _CHANNELS_FIRST_TYPES):
+        return "channels_first"
+    return "auto"
+
+
+def snapshot_tensor(
+    t: torch.Tensor, num_samples: int, max_channels: int, *, layout: str = "auto"
+) -> np.ndarray | None:
+    """Copy the few samples and channels a figure shows to a float32 numpy array.
+
+    Detaches, keeps the first ``num_samples`` samples (dim 0) and at most ``max_channels`` channels
+    (dim 1 for channels-first tensors with >= 3 dims, the last dim for 2-D ``[N, F]`` and for
+    channels-last ``[N, T, F]``), upcasts to float32 and copies to the CPU once. Slicing happens before
+    the copy, on the tensor's device, so only the shown part crosses to the host.
+
+    Args:
+        t: the activation or gradient (any device, any floating dtype). 1-D tensors are treated as one
+            sample ``[1, F]``.
+        num_samples: how many samples to keep (>= 1).
+        max_channels: how many channels / features to keep (>= 1).
+        layout: ``"auto"``, ``"channels_first"`` or ``"channels_last"`` (see the module docstring).
+
+    Returns:
+        A new C-contiguous float32 array sharing no memory with ``t`` (``[n, C, ...]``, ``[n, F]`` or
+        ``[n, T, F]``), or ``None`` when ``t`` is not a tensor, not floating point, sparse/quantized/meta,
+        0-D or empty.
+
+    Raises:
+        ValueError: when ``num_samples`` or ``max_channels`` is below 1 or ``layout`` is unknown.
+    """
+    if num_samples < 1 or max_channels < 1:
+        raise ValueError(f"num_samples and max_channels must be >= 1, got {num_samples}, {max_channels}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(t, torch.Tensor):
+        return None
+    if t.layout != torch.strided or t.is_quantized or t.is_meta or not t.is_floating_point():
+        return None
+    if t.dim() == 0 or t.numel() == 0:
+        return None
+    with torch.no_grad():
+        x = t.detach()
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        x = x[:num_samples]
+        if x.dim() == 2 or layout == "channels_last":
+            x = x[..., :max_channels]
+        else:
+            x = x[:, :max_channels]
+        # copy=True: a CPU float32 input would otherwise come back as a view of t's storage.
+        x = x.to(device="cpu", dtype=torch.float32, copy=True)
+    out = np.ascontiguousarray(x.numpy())
+    del x
+    return out

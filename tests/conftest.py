@@ -1,0 +1,76 @@
+"""Autouse fixtures that turn leaks into failures (after Lightning's and FTS's conftest)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+_ENV_ALLOW = {"WANDB_MODE", "WANDB_SERVICE", "WANDB_DIR", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUDA_MODULE_LOADING",
+              "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "PL_TRAINER_GPUS",
+              "KMP_DUPLICATE_LIB_OK", "TORCHINDUCTOR_CACHE_DIR", "TORCH_COMPILE_DEBUG_DIR", "WANDB__SERVICE_WAIT",
+              "GROUP_RANK", "PYTORCH_NVML_BASED_CUDA_CHECK", "ROLE_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "PYTHONWARNINGS"}
+
+
+@pytest.fixture(autouse=True)
+def restore_env_variables():
+    before = dict(os.environ)
+    yield
+    leaked = {k for k in set(os.environ) - set(before) if k not in _ENV_ALLOW and not k.startswith("WANDB")}
+    os.environ.clear()
+    os.environ.update(before)
+    assert not leaked, f"test leaked environment variables: {sorted(leaked)}"
+
+
+@pytest.fixture(autouse=True)
+def teardown_process_group():
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def no_zombie_threads():
+    before = set(threading.enumerate())
+    yield
+    leftover = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
+                and "lit-probe" in t.name]
+    assert not leftover, f"lit_probe left threads running: {leftover}"
+
+
+def _repo_status() -> str:
+    try:
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
+                              capture_output=True, text=True, timeout=20).stdout
+    except Exception:
+        return ""
+
+
+@pytest.fixture(autouse=True, scope="session")
+def leave_no_artifacts_behind():
+    before = set(_repo_status().splitlines())
+    yield
+    after = set(_repo_status().splitlines())
+    new = sorted(line for line in after - before if "__pycache__" not in line and ".pytest_cache" not in line)
+    assert not new, f"tests left files in the repository: {new}"
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """A real offline W&B environment under tmp_path."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield tmp_path
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except Exception:
+        pass
