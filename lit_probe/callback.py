@@ -278,7 +278,9 @@ class FeatureProbe(Callback):
             self._say(f"lit_probe: {msg}")
         assert self._out_dir is not None
         sinks.insert(0, DiskSink(self._out_dir, mode=self.mode, max_versions=self.max_versions))
-        self._renderer = FigureRenderer(sinks, figures=self.figures, max_channels=self.max_channels)
+        # one figure step (every layer + the timeline) fits in the queue; a slow renderer drops the next ones
+        self._renderer = FigureRenderer(sinks, figures=self.figures, max_channels=self.max_channels,
+                                        max_queue=2 * (len(self.points) + 1))
 
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
@@ -489,6 +491,7 @@ class FeatureProbe(Callback):
                 self._say(f"lit_probe: {len(never)} probed layer(s) never ran during training (bypassed by a "
                           f"direct `.forward()` call, unused, or compiled away): {', '.join(never[:10])}.")
             if self._renderer is not None and "timeline" in self.figures:
+                self._renderer.drain()  # the final timeline is never dropped
                 self._submit_timeline(max(s.step, 0))
             self._write_files(failed)
         finally:
@@ -613,6 +616,7 @@ def _ddp_reduce(host: Any, units: dict) -> tuple[Any, dict]:
     base.calls = sum(h.calls[:n] for h in hosts)
     base.numel = sum(h.numel[:n] for h in hosts)
     base.full = sum(h.full[:n] for h in hosts)
+    base.counted = sum(h.counted[:n] for h in hosts)
     base.scale = base.scale[:n]
     base.order = base.order[:n]
     merged: dict = {}

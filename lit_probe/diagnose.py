@@ -66,8 +66,12 @@ class Thresholds:
         """Defaults with ``overrides`` applied; unknown keys and out-of-range values raise."""
         overrides = dict(overrides or {})
         check_thresholds_keys(overrides, [f.name for f in fields(cls)])
-        t = cls(**{k: (int(v) if isinstance(getattr(cls, k), int) and float(v).is_integer() else v)
-                   for k, v in overrides.items()})
+        def coerce(k: str, v: object) -> object:  # 20.0 -> 20 for integer thresholds (YAML), never bools
+            if isinstance(getattr(cls, k), int) and isinstance(v, float) and v.is_integer():
+                return int(v)
+            return v
+
+        t = cls(**{k: coerce(k, v) for k, v in overrides.items()})
         t.validate()
         return t
 

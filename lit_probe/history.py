@@ -61,13 +61,17 @@ def derive(rows: HostRows, grad_slots: np.ndarray, unit_slots: np.ndarray) -> De
         absmax = np.where(np.isnan(mn) | np.isnan(mx), np.nan, absmax)
         out[:, :, _I["absmax"]] = np.where(seen, absmax, np.nan)
         # the count is measured on full steps; the flag (min/max non-finite) on every step: see nonfinite_flags
-        out[:, :, _I["nonfinite"]] = np.where(seen & full, dev[:, :, _C["nonfinite"]], np.nan)
+        counted = np.maximum(rows.counted.astype(np.float64), 1)
+        nf = dev[:, :, _C["nonfinite"]] * numel / counted  # exact when the whole tensor was counted
+        flagged = seen & ~(np.isfinite(dev[:, :, _C["min"]]) & np.isfinite(dev[:, :, _C["max"]]))
+        nf = np.where(flagged, np.maximum(np.round(nf), 1), 0.0)
+        out[:, :, _I["nonfinite"]] = np.where(seen & full, nf, np.nan)
         ok = full & seen & (numel > 0)
         out[:, :, _I["mean"]] = np.where(ok, dev[:, :, _C["sum"]] * inv / numel, np.nan)
         l2 = dev[:, :, _C["l2"]] * inv
         out[:, :, _I["l2"]] = np.where(ok, l2, np.nan)
         out[:, :, _I["rms"]] = np.where(ok, l2 / np.sqrt(np.maximum(numel, 1)), np.nan)
-        zf = 1.0 - dev[:, :, _C["nonzero"]] / np.maximum(numel, 1)
+        zf = 1.0 - dev[:, :, _C["nonzero"]] / counted
         out[:, :, _I["zero_fraction"]] = np.where(ok & unit_slots[None, :], zf, np.nan)
         out[:, :, _I["full"]] = full
         skipped = (np.isfinite(rows.scale[:, 0]) & np.isfinite(rows.scale[:, 1]) & (rows.scale[:, 1] < rows.scale[:, 0])

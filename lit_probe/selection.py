@@ -7,7 +7,8 @@ Turns probe declarations into modules. The grammar, one string per declaration:
     an exact dotted path from ``named_modules()`` (relative to the model given).
 ``"layer3.*"``, ``"enc.*.attn"``, ``"**.conv1"``
     a glob matched segment by segment: ``*`` (and ``?``, ``[ab]``) stay inside one dotted segment, ``**``
-    spans any number of segments. ``"layer3.*"`` is the direct children of ``layer3``.
+    spans any number of segments. ``"layer3.*"`` is the direct children of ``layer3``; ``"net.**"`` every
+    module under ``net`` (not ``net`` itself).
 ``"type:ReLU"``, ``"type:torch.nn.Conv2d"``
     every module of that class (or a subclass), by class name or qualified name.
 ``"re:^enc\\.\\d+$"``
@@ -108,8 +109,9 @@ def _glob_match(pattern: str, name: str) -> bool:
     def rec(i: int, j: int) -> bool:
         if i == len(pat):
             return j == len(parts)
-        if pat[i] == "**":
-            return any(rec(i + 1, k) for k in range(j, len(parts) + 1))
+        if pat[i] == "**":  # any number of segments; at the end at least one ("net.**": all under net)
+            start = j + 1 if i == len(pat) - 1 else j
+            return any(rec(i + 1, k) for k in range(start, len(parts) + 1))
         return j < len(parts) and fnmatch.fnmatchcase(parts[j], pat[i]) and rec(i + 1, j + 1)
 
     return rec(0, 0)

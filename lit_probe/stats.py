@@ -11,8 +11,11 @@ Two tiers of work per observed tensor:
 * **sentinel** (every training step): ``min`` and ``max`` in one fused pass (``torch.aminmax``). That
   alone catches non-finite values (NaN and Inf propagate through min/max exactly) and explosions
   (``absmax``), at the exact step, in every probed layer.
-* **full** (every ``every_n_steps`` steps): also the non-finite count, the count of non-zero values, the
-  sum and the L2 norm; for activations, the per-channel maximum that feeds the dead-unit windows.
+* **full** (every ``every_n_steps`` steps): also the sum and the L2 norm, the per-channel maximum that
+  feeds the dead-unit windows (activations), and the counts of non-finite and of non-zero values. The
+  two counts need a written temporary, so they are taken on the first samples of the batch, at least
+  ``COUNT_CAP`` elements (the whole tensor when it is smaller): zero fractions are estimated from a large
+  sample, while the non-finite *flag* (from min/max) always covers every element.
 
 Device columns of the ring buffer, per (step row, slot):
 
@@ -44,6 +47,8 @@ __all__ = ["COLUMNS", "StatBuffer", "HostRows", "channel_dim_for"]
 COLUMNS = ("nonfinite", "nonzero", "sum", "l2", "min", "max")
 _NF, _NZ, _SUM, _L2, _MIN, _MAX = range(6)
 _FLOATS = (torch.float32, torch.float64)
+#: Elements (at least) over which the non-finite and non-zero counts are taken on full steps.
+COUNT_CAP = 65536
 
 
 def channel_dim_for(ndim: int, conv_like: bool) -> int:
@@ -68,6 +73,7 @@ class HostRows:
     numel: np.ndarray
     full: np.ndarray
     order: list[list[int]]
+    counted: np.ndarray  # [n, slots] elements the counts (nonfinite, nonzero) were taken over
     scale: np.ndarray  # [n, 2] loss scale at step start / end (NaN when no scaler)
 
 
@@ -89,6 +95,7 @@ class StatBuffer:
         self.calls = np.zeros((self.rows, slots), dtype=np.int64)
         self.numel = np.zeros((self.rows, slots), dtype=np.int64)
         self.full = np.zeros((self.rows, slots), dtype=np.int64)
+        self.counted = np.zeros((self.rows, slots), dtype=np.int64)
         self.steps = np.full(self.rows, -1, dtype=np.int64)
         self.order: list[list[int]] = [[] for _ in range(self.rows)]
         # per-slot channel state (dead-unit windows): last step each unit fired, first step it was seen
@@ -113,6 +120,7 @@ class StatBuffer:
         self.calls[r] = 0
         self.numel[r] = 0
         self.full[r] = 0
+        self.counted[r] = 0
         self.order[r] = []
         self.steps[r] = step
         self._pending.append(r)
@@ -182,16 +190,20 @@ class StatBuffer:
             return
         self.full[r, slot] += 1
         dims = tuple(range(t.dim()))
+        n = t.numel()
+        head = t if n <= COUNT_CAP or t.dim() < 2 else t[:max(1, -(-COUNT_CAP * t.shape[0] // n))]
+        self.counted[r, slot] += head.numel()
+        hdims = tuple(range(head.dim()))
         if first and self.full[r, slot] == 1:
-            torch.sum(t.mul(0).nan_to_num_(1.0), dim=dims, out=row[_NF])
+            torch.sum(head.mul(0).nan_to_num_(1.0), dim=hdims, out=row[_NF])  # 0 if finite, NaN*0/Inf*0 -> 1
             if channel_dim is not None:
-                torch.sum(t.sign().abs_(), dim=dims, out=row[_NZ])
+                torch.sum(head.sign().abs_(), dim=hdims, out=row[_NZ])
             torch.sum(t, dim=dims, out=row[_SUM])
             torch.linalg.vector_norm(t, out=row[_L2])
         else:
-            row[_NF] += t.mul(0).nan_to_num_(1.0).sum()
+            row[_NF] += head.mul(0).nan_to_num_(1.0).sum()
             if channel_dim is not None:
-                row[_NZ] += t.sign().abs_().sum()
+                row[_NZ] += head.sign().abs_().sum()
             row[_SUM] += t.sum()
             torch.hypot(row[_L2], torch.linalg.vector_norm(t), out=row[_L2])
         if channel_dim is not None and slot not in self._bad_channels:
@@ -236,7 +248,7 @@ class StatBuffer:
             empty = np.zeros((0, slots, len(COLUMNS)), dtype=np.float32)
             host = HostRows(np.zeros(0, np.int64), empty, np.zeros((0, slots), np.int64),
                             np.zeros((0, slots), np.int64), np.zeros((0, slots), np.int64), [],
-                            np.zeros((0, 2), np.float32))
+                            np.zeros((0, slots), np.int64), np.zeros((0, 2), np.float32))
             self._pending = []
             return host, {}
         idx = torch.as_tensor(rows, device=self.device)
@@ -253,7 +265,8 @@ class StatBuffer:
             units[s] = flat[off:off + k].copy()
             off += k
         host = HostRows(self.steps[rows].copy(), dev, self.calls[rows].copy(), self.numel[rows].copy(),
-                        self.full[rows].copy(), [list(self.order[r]) for r in rows], scale)
+                        self.full[rows].copy(), [list(self.order[r]) for r in rows], self.counted[rows].copy(),
+                        scale)
         self._pending = []
         return host, units
 

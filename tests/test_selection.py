@@ -29,6 +29,8 @@ def test_glob_is_whole_segment(resnet):
     assert names(resnet, ["layer?.*"]) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
     deep = names(resnet, ["**.conv1"])
     assert "conv1" in deep and "layer4.1.conv1" in deep and all(n.endswith("conv1") for n in deep)
+    assert names(resnet, ["layer4.**"])[0] == "layer4.0" and "layer4" not in names(resnet, ["layer4.**"])
+    assert names(resnet, ["layer1.**.conv1"]) == ["layer1.0.conv1", "layer1.1.conv1"]
     assert names(resnet, ["layer1.*.bn?"]) == ["layer1.0.bn1", "layer1.0.bn2", "layer1.1.bn1", "layer1.1.bn2"]
 
 

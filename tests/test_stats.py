@@ -126,3 +126,13 @@ def test_ring_reads_every_pending_row_once():
     buf.observe(0, torch.ones(2) * 5, True, None)
     host, _ = buf.read()
     assert list(host.steps) == [4] and host.calls[0, 0] == 2 and host.dev[0, 0, 5] == 5
+
+
+def test_counts_on_large_tensors_are_sampled_but_the_flag_is_exact():
+    torch.manual_seed(0)
+    t = torch.relu(torch.randn(64, 32, 16, 16))  # 524k elements: counts over the first samples
+    t[40, 3, 2, 2] = float("nan")  # outside the counted samples
+    got, d, _, _ = run([t])
+    x = t[:40]
+    assert abs(got["zero_fraction"] - float((x == 0).double().mean())) < 0.01
+    assert nonfinite_flags(d)[0, 0] and got["nonfinite"] >= 1
