@@ -66,7 +66,8 @@ class FeatureProbe(Callback):
             :class:`~lit_probe.ProbeMixin`. ``None``: only the module's declared points.
         signals: ``"activation"`` (module outputs) and/or ``"gradient"`` (d loss / d output).
         every_n_steps: full statistics (mean, rms, zero fraction, non-finite count, unit activity) every this
-            many training steps. Min/max — hence non-finite values and explosions, at their exact step and
+            many training steps, and on each of the first 10 steps of a run (bugs of initialisation show at
+            once). Min/max — hence non-finite values and explosions, at their exact step and
             first layer — are checked on every step whatever this is.
         log_every_n_steps: how often the host reads the statistics, runs the detectors and logs scalars;
             ``None``: the trainer's ``log_every_n_steps``. With ``on_finding`` ``"raise"`` or ``"stop"``

@@ -78,8 +78,9 @@ class ProbeSession:
     Args:
         modules: ``(name, module)`` pairs to probe (see :func:`lit_probe.selection.resolve`).
         signals: ``"activation"`` and/or ``"gradient"``.
-        every_n_steps: full statistics every this many steps; min/max (non-finite and exploding checks)
-            are taken every step.
+        every_n_steps: full statistics every this many steps (and on each of the first
+            ``full_warmup_steps`` steps); min/max (non-finite and exploding checks) are taken every step.
+        full_warmup_steps: steps from the start of a run that always take full statistics.
         thresholds: detector thresholds (a :class:`Thresholds` or a dict of overrides).
         history_size: steps of statistics kept on the host.
         ring_rows: steps the device ring holds between two :meth:`flush` calls.
@@ -89,11 +90,13 @@ class ProbeSession:
     def __init__(self, modules: Sequence[tuple[str, nn.Module]], *,
                  signals: Sequence[str] = (SIGNAL_ACT, SIGNAL_GRAD), every_n_steps: int = 1,
                  thresholds: Thresholds | Mapping[str, float] | None = None, history_size: int = 1000,
-                 ring_rows: int = 64, reduce: Callable[..., Any] | None = None) -> None:
+                 ring_rows: int = 64, reduce: Callable[..., Any] | None = None,
+                 full_warmup_steps: int = 10) -> None:
         self.names = [n for n, _ in modules]
         self.modules = [m for _, m in modules]
         self.signals = tuple(signals)
         self.every_n_steps = max(1, int(every_n_steps))
+        self.full_warmup_steps = max(0, int(full_warmup_steps))
         self.thresholds = thresholds if isinstance(thresholds, Thresholds) else Thresholds.from_dict(thresholds)
         self.want_act = SIGNAL_ACT in self.signals
         self.want_grad = SIGNAL_GRAD in self.signals
@@ -168,7 +171,9 @@ class ProbeSession:
             if self.buffer.pending >= self.buffer.rows:
                 self.flush()  # ring full: read now rather than lose steps
         self.step = int(step)
-        self.full = (self.step % self.every_n_steps == 0) if full is None else bool(full)
+        if full is None:  # full statistics on the first steps (bugs of initialisation show at once), then every N
+            full = self.step < self.full_warmup_steps or self.step % self.every_n_steps == 0
+        self.full = bool(full)
         self.buffer.begin_step(self.step)
         self.collecting = True
 

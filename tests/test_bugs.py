@@ -24,14 +24,15 @@ def kinds(findings, kind):
     return [f for f in findings if f.kind == kind]
 
 
-def test_large_negative_bias_is_dead_at_that_layer(tmp_path):
+@pytest.mark.parametrize("every_n_steps", [1, 10])
+def test_large_negative_bias_is_dead_at_that_layer(tmp_path, every_n_steps):
     torch.manual_seed(0)
     net = mlp(depth=3)
     with torch.no_grad():
         net[2].bias.fill_(-100.0)  # the second Linear: its ReLU (net.3) never fires
-    probe = FeatureProbe(probes=["net.*"], save_dir=str(tmp_path / "p"))
+    probe = FeatureProbe(probes=["net.*"], save_dir=str(tmp_path / "p"), every_n_steps=every_n_steps)
     with pytest.warns(Warning):
-        fit(tmp_path, Classifier(net), probe, steps=40)
+        fit(tmp_path, Classifier(net), probe, steps=30)
     dead = {f.layer: f for f in kinds(probe.findings, "dead")}
     assert "net.2" in dead and "net.3" in dead, probe.findings
     assert dead["net.3"].value == 1.0 and dead["net.3"].signal == "activation"
@@ -103,10 +104,11 @@ def test_nan_is_nonfinite_at_that_layer_and_step_first(tmp_path, log_every):
     assert grads and grads[0].step == 9
 
 
-def test_deep_sigmoid_mlp_is_vanishing_at_early_layers(tmp_path):
+@pytest.mark.parametrize("every_n_steps", [1, 10])  # 10 is the default
+def test_deep_sigmoid_mlp_is_vanishing_at_early_layers(tmp_path, every_n_steps):
     torch.manual_seed(0)
     net = mlp(depth=10, hidden=32, act=nn.Sigmoid)
-    probe = FeatureProbe(probes=["type:Linear"], save_dir=str(tmp_path / "p"), every_n_steps=1)
+    probe = FeatureProbe(probes=["type:Linear"], save_dir=str(tmp_path / "p"), every_n_steps=every_n_steps)
     with pytest.warns(Warning):
         fit(tmp_path, Classifier(net, lr=0.01), probe, steps=20)
     van = {f.layer for f in kinds(probe.findings, "vanishing")}
