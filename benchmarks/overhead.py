@@ -36,6 +36,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -169,10 +170,27 @@ class StepEnd(pl.Callback):
         self.clock.ends.append(time.perf_counter())
 
 
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl...)
+        return None
+
+
 def _malloc_trim() -> None:
     """Give glibc's free heap pages back to the OS, so the next fit starts from a comparable RSS."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(Exception):
+            libc.malloc_trim(0)
+
+
+# glibc reads these at start-up: every allocation >= 128 KiB is served by mmap and given back to the OS when freed.
+# Without them glibc's *dynamic* mmap threshold grows to 32 MB after the first large free(); tensors then come
+# from the heap, freed memory stays in the process and a fit's RSS growth depends on what earlier fits left
+# behind (+-15 MB on a ResNet-18 fit). mallopt() inside a process that has already trained does not help (the
+# heap is already fragmented), so the memory pass runs in a fresh subprocess started with them.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 class RssSampler:
@@ -393,6 +411,7 @@ class FitResult:
 
     variant: str
     round: int
+    phase: str  # "timing" | "memory"
     status: str  # "ok" | "crashes" | "unavailable" | "error"
     error: Optional[str] = None
     step_s: list[float] = field(default_factory=list)  # batch start -> batch end, warm-up excluded
@@ -419,9 +438,13 @@ def resolve_device(choice: str) -> str:
 
 
 def run_fit(variant: Variant, rnd: int, args: argparse.Namespace, device: str, data: TensorDataset,
-            ctx: Context) -> FitResult:
-    """A fresh model (same seed) and a fresh Trainer, ``--steps`` steps of ``variant``."""
-    res = FitResult(variant=variant.name, round=rnd, status="ok")
+            ctx: Context, phase: str = "timing") -> FitResult:
+    """A fresh model (same seed) and a fresh Trainer, ``--steps`` steps of ``variant``.
+
+    ``phase="timing"``: step times (and CUDA peak memory on a GPU). ``phase="memory"`` (CPU): the RSS is
+    sampled in a thread during the fit; the sampler is off in the timing fits so it cannot disturb them.
+    """
+    res = FitResult(variant=variant.name, round=rnd, phase=phase, status="ok")
     torch.manual_seed(args.seed)
     model = BenchResNet(args.model, num_classes=10)
     clock = _StepClock(device)
@@ -454,15 +477,17 @@ def run_fit(variant: Variant, rnd: int, args: argparse.Namespace, device: str, d
             torch.cuda.reset_peak_memory_stats()
             cuda_start = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
-        with RssSampler(args.rss_interval_ms / 1000.0) as sampler:
+        sampler = RssSampler(args.rss_interval_ms / 1000.0)
+        with sampler if phase == "memory" else contextlib.nullcontext():
             try:
                 trainer.fit(model, loader)
             except Exception as err:  # noqa: BLE001 - a crash is a result (naive hooks on in-place ReLU)
                 res.status, res.error = "crashes", _first_line(err)
         res.fit_wall_s = time.perf_counter() - t0
-        res.rss_start_mb = sampler.start_rss / 2**20
-        res.rss_peak_delta_mb = sampler.delta_mb
-        res.rss_samples = sampler.n_samples
+        if phase == "memory":
+            res.rss_start_mb = sampler.start_rss / 2**20
+            res.rss_peak_delta_mb = sampler.delta_mb
+            res.rss_samples = sampler.n_samples
         if device == "cuda":
             res.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
             res.cuda_peak_delta_mb = (torch.cuda.max_memory_allocated() - cuda_start) / 2**20
@@ -486,13 +511,20 @@ def _median(xs: Sequence[float]) -> Optional[float]:
     return statistics.median(xs) if xs else None
 
 
+def _mem_fits(fits: list[FitResult], name: str, device: str) -> list[FitResult]:
+    """The fits a variant's memory figure comes from: the memory pass on CPU, the timing fits on a GPU."""
+    phase = "timing" if device == "cuda" else "memory"
+    return [f for f in fits if f.variant == name and f.phase == phase and f.status == "ok"]
+
+
 def summarize(fits: list[FitResult], names: list[str], device: str) -> dict[str, dict[str, Any]]:
     """Per variant: medians, ratios to the baseline and their per-round range, memory."""
-    by: dict[str, list[FitResult]] = {n: [f for f in fits if f.variant == n] for n in names}
+    by: dict[str, list[FitResult]] = {n: [f for f in fits if f.variant == n and f.phase == "timing"]
+                                      for n in names}
     base_rounds = {f.round: _median(f.step_s) for f in by.get("baseline", []) if f.status == "ok" and f.step_s}
     base_all = [t for f in by.get("baseline", []) if f.status == "ok" for t in f.step_s]
     base_med = _median(base_all)
-    base_mem = _median([_mem(f, device) for f in by.get("baseline", []) if f.status == "ok"])
+    base_mem = _median([_mem(f, device) for f in _mem_fits(fits, "baseline", device)])
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         runs = by[name]
@@ -517,7 +549,7 @@ def summarize(fits: list[FitResult], names: list[str], device: str) -> dict[str,
         entry["ratio_per_round"] = per_round
         entry["ratio_min"] = min(per_round) if per_round else None
         entry["ratio_max"] = max(per_round) if per_round else None
-        mems = [_mem(f, device) for f in ok]
+        mems = [_mem(f, device) for f in _mem_fits(fits, name, device)]
         entry["peak_mem_delta_mb"] = _median(mems)
         entry["peak_mem_delta_mb_per_round"] = mems
         entry["peak_mem_vs_baseline"] = (entry["peak_mem_delta_mb"] / base_mem
@@ -588,7 +620,8 @@ def markdown(summary: dict[str, dict[str, Any]], device: str) -> str:
             continue
         rng = (f"{e['ratio_min']:.2f}-{e['ratio_max']:.2f}" if e.get("ratio_min") is not None else "")
         ratio = f"{e['ratio']:.2f}x" if e.get("ratio") is not None else ""
-        lines.append(f"| {name} | {e['median_step_ms']:.1f} | {ratio} | {rng} | {e['peak_mem_delta_mb']:.1f} |")
+        mem = "" if e.get("peak_mem_delta_mb") is None else f"{e['peak_mem_delta_mb']:.1f}"
+        lines.append(f"| {name} | {e['median_step_ms']:.1f} | {ratio} | {rng} | {mem} |")
     return "\n".join(lines)
 
 
@@ -627,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb-log", choices=["gradients", "parameters", "all"], default="all",
                    help="what wandb.watch logs")
     p.add_argument("--rss-interval-ms", type=float, default=2.0, help="RSS sampling period (CPU memory)")
+    p.add_argument("--memory-rounds", type=int, default=1,
+                   help="CPU: fits per variant in the memory pass after the timing rounds (0: no memory pass)")
+    p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", default=None, help="write every raw number to this file")
     return p
@@ -672,6 +708,58 @@ def _quiet() -> Iterator[None]:
                 logging.getLogger(name).setLevel(lvl)
 
 
+def _memory_method(device: str, args: argparse.Namespace) -> str:
+    if device == "cuda":
+        return ("torch.cuda.max_memory_allocated() - memory_allocated() at fit start (after "
+                "reset_peak_memory_stats), in the timing fits")
+    if args.memory_rounds <= 0:
+        return "not measured (--memory-rounds 0)"
+    return (f"peak of (RSS - RSS at fit start), psutil sampled every {args.rss_interval_ms} ms in a thread, in a "
+            f"separate memory pass: a fresh subprocess started with {MALLOC_ENV} runs one discarded warm-up fit, "
+            f"then {args.memory_rounds} fit(s) per variant; gc.collect() + malloc_trim(0) before each fit")
+
+
+def memory_pass_subprocess(args: argparse.Namespace, names: list[str], tmp: str) -> list[FitResult]:
+    """Run the CPU memory pass in a fresh interpreter with fixed glibc thresholds; return its fits."""
+    out = os.path.join(tmp, "memory_fits.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--memory-worker", out,
+           "--variants", ",".join(names)]
+    for opt in ("model", "size", "batch", "steps", "warmup", "precision", "threads", "seed", "wandb_log",
+                "rss_interval_ms", "memory_rounds"):
+        cmd += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
+    env = {**os.environ, **MALLOC_ENV}
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0 or not os.path.exists(out):
+        print(f"memory pass failed (exit {proc.returncode}): no memory figures", file=sys.stderr)
+        return []
+    with open(out) as fh:
+        return [FitResult(**f) for f in json.load(fh)]
+
+
+def memory_worker(args: argparse.Namespace, names: list[str], device: str, data: TensorDataset) -> None:
+    """The memory pass (``--memory-worker PATH``): a warm-up fit, then the sampled fits, written to PATH."""
+    fits: list[FitResult] = []
+    rng = random.Random(args.seed + 1)
+    with tempfile.TemporaryDirectory(prefix="lit_probe_overhead_mem_") as tmp, _quiet():
+        ctx = Context(tmp=tmp, device=device, wandb_log=args.wandb_log)
+        try:
+            # the first fit of a process grows the RSS by one-time allocations (thread pools, kernels): discard
+            run_fit(VARIANT_BY_NAME["baseline"], -1, args, device, data, ctx, phase="memory")
+            for rnd in range(args.memory_rounds):
+                order = list(names)
+                rng.shuffle(order)
+                for name in order:
+                    res = run_fit(VARIANT_BY_NAME[name], rnd, args, device, data, ctx, phase="memory")
+                    fits.append(res)
+                    print(f"[memory {rnd + 1}/{args.memory_rounds}] {name:26s} {res.status:11s} "
+                          f"peak RSS delta {res.rss_peak_delta_mb or float('nan'):7.1f} MB",
+                          file=sys.stderr, flush=True)
+        finally:
+            ctx.close()
+    with open(args.memory_worker, "w") as fh:
+        json.dump([asdict(f) for f in fits], fh)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the benchmark; print the Markdown table; return (and with ``--json`` write) every number."""
     args = build_parser().parse_args(argv)
@@ -684,6 +772,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     n_batches = min(args.steps, 64)
     data = make_data(n_batches * args.batch, args.size)
+    if args.memory_worker:
+        memory_worker(args, names, device, data)
+        return {}
     info = machine_info(device, args)
     t_start = time.perf_counter()
     fits: list[FitResult] = []
@@ -707,12 +798,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                           f"({res.fit_wall_s:.1f} s)", file=sys.stderr, flush=True)
         finally:
             ctx.close()
+        if device == "cpu" and args.memory_rounds > 0:
+            fits += memory_pass_subprocess(args, [n for n in names if n not in dead], tmp)
     with contextlib.suppress(OSError):
         info["loadavg_at_end"] = os.getloadavg()
     summary = summarize(fits, names, device)
     tgts = targets(summary)
     config = {k: getattr(args, k) for k in ("model", "size", "batch", "rounds", "steps", "warmup", "precision",
-                                            "threads", "seed", "quick", "wandb_log", "rss_interval_ms")}
+                                            "threads", "seed", "quick", "wandb_log", "rss_interval_ms",
+                                            "memory_rounds")}
     config["variants"] = names
     config["block_probes"] = block_patterns(BenchResNet(args.model))
     config["n_leaf_modules"] = len(leaf_names(BenchResNet(args.model)))
@@ -720,10 +814,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "machine": info,
         "config": config,
-        "memory_method": ("torch.cuda.max_memory_allocated() - memory_allocated() at fit start "
-                          "(after reset_peak_memory_stats)" if device == "cuda" else
-                          "peak of (RSS - RSS at fit start), psutil sampled every "
-                          f"{args.rss_interval_ms} ms in a thread; gc.collect() + malloc_trim(0) before each fit"),
+        "memory_method": _memory_method(device, args),
         "summary": summary,
         "targets": tgts,
         "fits": [asdict(f) for f in fits],

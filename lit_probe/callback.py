@@ -187,6 +187,8 @@ class FeatureProbe(Callback):
         self._info_said: set[str] = set()
         self._dead_log: dict[int, list[tuple[int, float]]] = {}
         self._wrote_files = False
+        self._prev_step: Optional[int] = None  # step of the previous completed batch
+        self._seen_findings = 0  # session findings taken (the session flushes itself when its ring is full)
 
     # ------------------------------------------------------------------ pickling (ddp_spawn)
     def __getstate__(self) -> dict:
@@ -301,6 +303,15 @@ class FeatureProbe(Callback):
                 self._figure_step = step
             self._capture_next = False
 
+    @override
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           loss: torch.Tensor) -> None:
+        # the GradScaler creates its scale at its first `scale()`, just before this hook: record the scale
+        # this backward uses (at batch start of the first step there is none yet: gradients would stay scaled)
+        s = self._session
+        if s is not None and s.collecting:
+            s.record_scale(_scaler_scale(trainer), end=False)
+
     def _snapshot(self, i: int, t: torch.Tensor) -> Any:
         from .snapshots import layout_for_module, snapshot_tensor
 
@@ -323,7 +334,12 @@ class FeatureProbe(Callback):
             return  # gradient accumulation: the step goes on with the next batch
         if s.capture is not None and self._figure_step == step:
             self._submit_figures(step)
-        due = (step + 1) % self._log_every == 0 or self.on_finding in ("raise", "stop")
+        # a log boundary crossed since the previous batch: manual optimisation with two optimisers advances
+        # global_step by 2 per batch, and `(step + 1) % n == 0` alone would never hold for an even n
+        prev = step - 1 if self._prev_step is None else self._prev_step
+        self._prev_step = step
+        L = self._log_every
+        due = (step + 1) // L > (prev + 1) // L or self.on_finding in ("raise", "stop")
         if due:
             self._flush(trainer, step)
 
@@ -378,7 +394,9 @@ class FeatureProbe(Callback):
         s = self._session
         if s is None:
             return
-        new = s.flush()
+        s.flush()
+        new = s.findings[self._seen_findings:]  # with those of flushes the session did itself (ring full)
+        self._seen_findings = len(s.findings)
         self._last_flushed = step
         self.skipped_steps = list(s.diagnoser.skipped_steps)
         for slot, frac in s.diagnoser.dead_fraction_latest.items():

@@ -34,8 +34,10 @@ The bundled demo: a procedurally generated image data set (:class:`ShapesDataset
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
-from typing import Literal, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -43,8 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+if TYPE_CHECKING:
+    from .findings import Finding
+
 __all__ = ["BUGS", "CLASSES", "DEFAULT_PROBES", "EXPECTED", "DemoCNN", "NormDiv", "ShapesDataModule",
-           "ShapesDataset"]
+           "ShapesDataset", "DEMO_STEPS", "run_demo"]
 
 Bug = Literal["none", "dead-relu", "exploding", "nan", "vanishing"]
 
@@ -352,3 +357,121 @@ class DemoCNN(pl.LightningModule):
             return torch.optim.SGD(self.parameters(), lr=self.hparams.exploding_lr,
                                    weight_decay=self.hparams.weight_decay)
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the demo run (``lit-probe demo``)
+# ----------------------------------------------------------------------------------------------------------
+#: Training steps of ``lit-probe demo`` by default: past every bug's first finding (dead needs its 20-step
+#: window, the ``"nan"`` bug fires at step 30) with room to see the aftermath; about a minute on 2 CPU cores.
+DEMO_STEPS = 60
+#: ``Trainer(log_every_n_steps=...)`` of the demo: the probe reads its statistics (and runs the detectors)
+#: this often, so findings show within a few steps of the problem.
+DEMO_LOG_EVERY_N_STEPS = 5
+WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
+
+
+def demo_figure_every(steps: int) -> int:
+    """The demo's ``figure_every_n_steps``: about three figure steps per run (steps 0, ~1/3, ~2/3)."""
+    return max(1, -(-int(steps) // 3))
+
+
+def demo_bug_step(steps: int) -> int:
+    """The ``"nan"`` variant's ``bug_step``: ``DemoCNN``'s default 30, or half the run when it is shorter."""
+    return 30 if steps > 30 else max(1, int(steps) // 2)
+
+
+def run_demo(out: "str | os.PathLike[str]", steps: int = DEMO_STEPS, bug: str = "none", wandb: str = "offline",
+             mode: str = "overwrite", seed: int = 0, *, figure_every_n_steps: Optional[int] = None,
+             progress_bar: bool = True) -> "list[Finding]":
+    """Train :class:`DemoCNN` (with ``bug`` injected) on :class:`ShapesDataModule` under a
+    :class:`~lit_probe.FeatureProbe` and return its findings.
+
+    Everything goes under ``out``: the probe's figures, ``findings.jsonl`` and ``summary.md`` in
+    ``out/probe``, the CSV (and, when ``tensorboard`` is installed, TensorBoard) logs, and with
+    ``wandb="offline"`` the offline W&B run in ``out/wandb/offline-run-*``. The environment variables the run
+    sets (``WANDB_MODE``, W&B's and Lightning's own) are restored when it returns.
+
+    Args:
+        out: output directory (created).
+        steps: training steps (``Trainer(max_steps=...)``), >= 1.
+        bug: one of :data:`BUGS`.
+        wandb: ``"offline"`` (no network needed), ``"online"`` or ``"disabled"`` (no W&B at all).
+        mode: the probe's figure ``mode``: ``"overwrite"`` or ``"versioned"``.
+        seed: seed of the weights, the data and the shuffling.
+        figure_every_n_steps: the probe's ``figure_every_n_steps``; ``None``: about three figure steps per run
+            (:func:`demo_figure_every`); ``0``: no figures.
+        progress_bar: show Lightning's progress bar.
+
+    Returns:
+        ``FeatureProbe.findings``: every finding of the run, in the order they were reported.
+    """
+    if bug not in BUGS:
+        raise ValueError(f"bug must be one of {', '.join(BUGS)}; got {bug!r}")
+    if wandb not in WANDB_MODES:
+        raise ValueError(f"wandb must be one of {', '.join(WANDB_MODES)}; got {wandb!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if figure_every_n_steps is None:
+        fig_every: Optional[int] = demo_figure_every(steps)
+    else:
+        fig_every = None if figure_every_n_steps == 0 else int(figure_every_n_steps)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    env_before = dict(os.environ)
+    # the caller's global RNG state and environment are left as they were
+    with torch.random.fork_rng(devices=[]):
+        try:
+            torch.manual_seed(seed)
+            return _fit_demo(out, steps, bug, wandb, mode, seed, fig_every, progress_bar)
+        finally:
+            if wandb != "disabled":
+                try:
+                    import wandb as _wandb
+
+                    if _wandb.run is not None:
+                        _wandb.finish()
+                except Exception:  # pragma: no cover - W&B must never fail the demo at the end
+                    pass
+            os.environ.clear()
+            os.environ.update(env_before)
+
+
+def _fit_demo(out: Path, steps: int, bug: str, wandb: str, mode: str, seed: int, fig_every: Optional[int],
+              progress_bar: bool) -> "list[Finding]":
+    import warnings
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    from .callback import FeatureProbe
+
+    loggers: list = [CSVLogger(save_dir=str(out), name="csv")]
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard"))
+    if wandb != "disabled":
+        from pytorch_lightning.loggers import WandbLogger
+
+        os.environ["WANDB_MODE"] = wandb
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(WandbLogger(save_dir=str(out), offline=wandb == "offline", project="lit-probe-demo",
+                                   name=f"demo-{bug}"))
+    model = DemoCNN(bug=bug, seed=seed, bug_step=demo_bug_step(steps))  # type: ignore[arg-type]
+    data = ShapesDataModule(seed=seed)
+    probe = FeatureProbe(probes=DEFAULT_PROBES, save_dir=str(out / "probe"), mode=mode,  # type: ignore[arg-type]
+                         figure_every_n_steps=fig_every, log_to_wandb=wandb != "disabled")
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=loggers, callbacks=[probe],
+                         default_root_dir=str(out), log_every_n_steps=DEMO_LOG_EVERY_N_STEPS,
+                         limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
+                         enable_progress_bar=progress_bar, enable_model_summary=False)
+    with warnings.catch_warnings():
+        # the table at the end says it all; Lightning's hints about workers and val loops are noise here
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*(val_dataloader|validation_step|num_training_batches).*")
+        trainer.fit(model, datamodule=data)
+    return list(probe.findings)

@@ -245,7 +245,7 @@ def find_vanishing(dg: Diagnoser, d: Derived, i: int) -> list[Finding]:
                                     f"`{dg.names[s]}` gradient is vanishing at step {int(d.steps[i])}: its norm "
                                     f"is {size} (median of {len(q)} measured steps).",
                                     "grad_norm_ratio", {"rms": float(d.get('rms')[i, s])}))
-        elif med >= t.vanishing_ratio:
+        elif med >= 10 * t.vanishing_ratio:  # hysteresis: a ratio hovering at the threshold is one finding
             dg.active.discard(key)
     return out
 

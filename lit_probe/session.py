@@ -183,9 +183,12 @@ class ProbeSession:
     def record_scale(self, scale: Any, end: bool) -> None:
         """The GradScaler scale in force (start of step) or after its update (end of step)."""
         if self.want_grad:
+            if isinstance(scale, torch.Tensor) and self.buffer._buf is None:
+                self.buffer._alloc(scale.device)  # no hook has observed yet (first step): keep the scale
             self.buffer.record_scale(scale, end)
 
     # ------------------------------------------------------------------ hot path (called by hooks)
+    @torch.compiler.disable  # under torch.compile: run eagerly, never traced (no recompiles of probe code)
     def _on_output(self, i: int, output: Any) -> None:
         if i in self.disabled:
             return
@@ -207,6 +210,7 @@ class ProbeSession:
                         self._grad_hooks_this_step[i] += 1
             first = False
 
+    @torch.compiler.disable
     def _on_grad(self, i: int, grad: torch.Tensor) -> None:
         if i in self.disabled or grad is None:
             return

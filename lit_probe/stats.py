@@ -227,7 +227,9 @@ class StatBuffer:
             self._bad_channels.add(slot)
             self.last_fired.pop(slot, None)
             return
-        torch.where(per_unit > 0, self._step_t, last, out=last)  # type: ignore[arg-type]
+        # NaN is "not known", never "did not fire": a NaN step must not make every unit look dead later
+        fired = (per_unit > 0).logical_or_(per_unit.isnan())
+        torch.where(fired, self._step_t, last, out=last)  # type: ignore[arg-type]
 
     def record_scale(self, scale: torch.Tensor | float | None, end: bool) -> None:
         """Record the loss scale in force (GradScaler) for the current step (device copy, no sync)."""

@@ -28,7 +28,7 @@ def _load() -> ModuleType:
 def test_overhead_smoke(tmp_path: Path) -> None:
     bench = _load()
     out = tmp_path / "overhead.json"
-    variants = "baseline,probe_blocks,floor_blocks,naive_blocks,naive_leaves"
+    variants = "baseline,probe_blocks,naive_blocks,naive_leaves"
     result = bench.main(["--quick", "--device", "cpu", "--steps", "3", "--warmup", "1", "--rounds", "1",
                          "--batch", "2", "--variants", variants, "--json", str(out)])
     data = json.loads(out.read_text())
@@ -42,7 +42,7 @@ def test_overhead_smoke(tmp_path: Path) -> None:
     assert data["config"]["n_leaf_modules"] >= 52
     assert data["config"]["block_probes"] in (["layer?.*"], [f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)])
 
-    for name in ("baseline", "floor_blocks", "naive_blocks"):
+    for name in ("baseline", "naive_blocks"):  # peak memory: from the memory-pass subprocess
         entry = data["summary"][name]
         assert entry["status"] == "ok", entry
         for key in ("median_step_ms", "ratio", "ratio_min", "ratio_max", "peak_mem_delta_mb", "n_steps"):
@@ -59,8 +59,9 @@ def test_overhead_smoke(tmp_path: Path) -> None:
     assert data["summary"]["probe_blocks"]["status"] in ("ok", "unavailable")
     assert {t["result"] for t in data["targets"]} <= {"PASS", "MISS", "n/a"}
     for fit in data["fits"]:
-        for key in ("variant", "round", "status", "step_s", "period_s", "rss_peak_delta_mb"):
+        for key in ("variant", "round", "phase", "status", "step_s", "period_s", "rss_peak_delta_mb"):
             assert key in fit, key
+    assert {f["phase"] for f in data["fits"]} == {"timing", "memory"}
 
 
 def test_unknown_variant_is_rejected() -> None:

@@ -136,3 +136,9 @@ def test_counts_on_large_tensors_are_sampled_but_the_flag_is_exact():
     x = t[:40]
     assert abs(got["zero_fraction"] - float((x == 0).double().mean())) < 0.01
     assert nonfinite_flags(d)[0, 0] and got["nonfinite"] >= 1
+
+
+def test_nan_steps_do_not_count_as_dead_units():
+    t = torch.full((2, 3, 2, 2), float("nan"))
+    _, _, units, _ = run([t], cdim=1)
+    np.testing.assert_array_equal(units[0], [7, 7, 7])  # "fired" (unknown), not left behind
