@@ -14,9 +14,12 @@ from .errors import ProbeAlarm as ProbeAlarm
 from .errors import ProbeConfigError as ProbeConfigError
 from .errors import ProbeError as ProbeError
 from .errors import ProbeSelectionError as ProbeSelectionError
+from .extract import capture as capture
+from .extract import extract_features as extract_features
 from .findings import Finding as Finding
 from .findings import Severity as Severity
 from .mixin import ProbeMixin as ProbeMixin
+from .gradcam import gradcam as gradcam
 from .selection import list_probe_points as list_probe_points
 from .session import ProbeSession as ProbeSession
 
@@ -28,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = ["FeatureProbe", "ProbeWarning", "ProbeMixin", "ProbeSession", "Finding", "Severity", "Thresholds",
            "ProbeError", "ProbeConfigError", "ProbeSelectionError", "ProbeAlarm", "list_probe_points",
+           "capture", "extract_features", "gradcam",
            "__version__"]
 
 

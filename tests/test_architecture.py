@@ -8,7 +8,7 @@ import sys
 import pytest
 
 CORE = ["selection", "stats", "history", "diagnose", "findings", "errors", "figures", "session", "hooks",
-        "snapshots", "render", "sinks", "mixin"]
+        "snapshots", "render", "sinks", "mixin", "extract", "gradcam"]
 
 
 @pytest.mark.parametrize("module", CORE)
