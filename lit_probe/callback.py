@@ -88,6 +88,10 @@ class FeatureProbe(Callback):
             (``<figure>_step000123.png``).
         max_versions: with ``mode="versioned"``, keep the newest N files per figure (``None``: all).
         log_to_wandb: push figures and findings to the trainer's ``WandbLogger`` (or an active ``wandb.run``).
+        gradcam_layers: at figure steps, Grad-CAM maps (predicted class) of the first ``num_samples`` input
+            images for these layers (paths as in ``probes``, each resolving to conv-like modules), overlaid on the
+            images and saved like every figure (``<layer>/gradcam.png``). The model's modules are put in eval mode
+            for that extra forward/backward and restored exactly; nothing accumulates into ``.grad``.
         flight_recorder_steps: when a finding fires, the per-layer scalars of this many last steps are written
             next to the figures (``flight_recorder_step<step>.csv``).
 
@@ -130,6 +134,7 @@ class FeatureProbe(Callback):
         max_versions: Optional[int] = None,
         log_to_wandb: bool = True,
         flight_recorder_steps: int = 200,
+        gradcam_layers: Optional[list[str]] = None,
     ) -> None:
         super().__init__()
         if probes is not None and isinstance(probes, str):
@@ -166,6 +171,9 @@ class FeatureProbe(Callback):
         self.max_versions = _check_int("max_versions", max_versions, 1, allow_none=True)
         self.log_to_wandb = bool(log_to_wandb)
         self.flight_recorder_steps = _check_int("flight_recorder_steps", flight_recorder_steps, 1)
+        if isinstance(gradcam_layers, str):
+            gradcam_layers = [gradcam_layers]
+        self.gradcam_layers = validate_patterns(gradcam_layers or [], what="gradcam_layers")
 
         self.points: list[str] = []
         self.findings: list[Finding] = []
@@ -187,6 +195,8 @@ class FeatureProbe(Callback):
         self._info_said: set[str] = set()
         self._dead_log: dict[int, list[tuple[int, float]]] = {}
         self._wrote_files = False
+        self._gradcam_names: list[str] = []
+        self._gc_images: Optional[torch.Tensor] = None
         self._prev_step: Optional[int] = None  # step of the previous completed batch
         self._seen_findings = 0  # session findings taken (the session flushes itself when its ring is full)
 
@@ -237,6 +247,7 @@ class FeatureProbe(Callback):
         modules = resolve(pl_module, patterns)
         self._check_compiled(pl_module)
         self.points = [n for n, _ in modules]
+        self._gradcam_names = [n for n, _ in resolve(pl_module, self.gradcam_layers)] if self.gradcam_layers else []
         self._log_every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
         check_every = 1 if self.on_finding in ("raise", "stop") else self._log_every
         reduce = _ddp_reduce if trainer.world_size > 1 and torch.distributed.is_available() \
@@ -301,6 +312,8 @@ class FeatureProbe(Callback):
                 s.capture = {}
                 s.capture_fn = self._snapshot
                 self._figure_step = step
+                if self._gradcam_names:
+                    self._gc_images = _first_images(batch, self.num_samples)
             self._capture_next = False
 
     @override
@@ -334,6 +347,7 @@ class FeatureProbe(Callback):
             return  # gradient accumulation: the step goes on with the next batch
         if s.capture is not None and self._figure_step == step:
             self._submit_figures(step)
+            self._submit_gradcam(pl_module, step)
         # a log boundary crossed since the previous batch: manual optimisation with two optimisers advances
         # global_step by 2 per batch, and `(step + 1) % n == 0` alone would never hold for an even n
         prev = step - 1 if self._prev_step is None else self._prev_step
@@ -461,6 +475,35 @@ class FeatureProbe(Callback):
             r.submit_layer(step, name, a_arr, g_arr, dead_masks.get(i), layout=layout, shape=shape)
         if "timeline" in self.figures:
             self._submit_timeline(step)
+
+    def _submit_gradcam(self, pl_module: "pl.LightningModule", step: int) -> None:
+        images, self._gc_images = self._gc_images, None
+        if images is None or self._renderer is None or not self._gradcam_names:
+            return
+        from .gradcam import gradcam, overlay
+
+        modes = [(m, m.training) for m in pl_module.modules()]
+        devices = [images.device] if images.device.type == "cuda" else []
+        try:
+            pl_module.eval()  # no BatchNorm update, no dropout: the extra pass changes nothing
+            with torch.random.fork_rng(devices=devices):
+                shown = images.detach().float()
+                lo = shown.amin(dim=(1, 2, 3), keepdim=True)
+                hi = shown.amax(dim=(1, 2, 3), keepdim=True)
+                shown = ((shown - lo) / (hi - lo).clamp_min(1e-12)).permute(0, 2, 3, 1).cpu().numpy()
+                if shown.shape[-1] == 1:
+                    shown = np.repeat(shown, 3, axis=-1)
+                for name in self._gradcam_names:
+                    cams = gradcam(pl_module, name, images).detach().cpu().numpy()
+                    ov = np.stack([overlay(shown[i, :, :, :3], cams[i]) for i in range(len(cams))])
+                    self._renderer.submit_gradcam(step, name, ov, [f"sample {i}" for i in range(len(cams))])
+        except Exception as err:
+            self._say(f"lit_probe: Grad-CAM disabled ({type(err).__name__}: {err}); it needs a classifier whose "
+                      "forward takes the image batch and conv-like outputs at the chosen layers.")
+            self._gradcam_names = []
+        finally:
+            for m, training in modes:
+                m.training = training
 
     def _dead_masks(self, step: int) -> dict[int, np.ndarray]:
         s = self._session
@@ -593,6 +636,16 @@ def _finding_state(f: Finding) -> dict:
     """A Finding as checkpoint-safe primitives (loads with ``weights_only=True``)."""
     return {"step": int(f.step), "layer": f.layer, "signal": f.signal, "kind": f.kind, "value": float(f.value),
             "threshold": float(f.threshold), "message": f.message, "stat": f.stat}
+
+
+def _first_images(batch: Any, n: int) -> Optional[torch.Tensor]:
+    """The first ``[N, C, H, W]`` floating tensor of a batch (images), its first ``n`` samples."""
+    from .hooks import iter_tensors
+
+    for t in iter_tensors(batch):
+        if t.dim() == 4 and t.shape[1] in (1, 3, 4):
+            return t[:n].detach()
+    return None
 
 
 def _is_last_batch(trainer: "pl.Trainer", batch_idx: int) -> bool:

@@ -764,3 +764,24 @@ def figure_to_png(fig: Figure, dpi: int = 100) -> bytes:
         fig.clear()
         canvas.renderer = None  # drop the Agg buffer now, not at the next GC cycle
     return buf.getvalue()
+
+
+def gradcam_grid(overlays: np.ndarray, *, title: str, labels: Sequence[str] | None = None) -> Figure:
+    """Grad-CAM overlays side by side.
+
+    Args:
+        overlays: ``[n, H, W, 3]`` RGB in ``[0, 1]`` (see :func:`lit_probe.gradcam.overlay`).
+        title: figure title (layer, step).
+        labels: one caption per image (e.g. the class explained).
+    """
+    n = int(overlays.shape[0])
+    fig = Figure(figsize=(2.6 * n + 0.4, 3.0), dpi=100)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for i, ax in enumerate(axes):
+        ax.imshow(np.clip(overlays[i], 0.0, 1.0), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if labels is not None and i < len(labels):
+            ax.set_title(labels[i], fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    return fig

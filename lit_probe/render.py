@@ -368,6 +368,16 @@ class FigureRenderer:
         job = functools.partial(self._render_timeline, int(step), *args)
         return self._worker.submit(job)
 
+    def submit_gradcam(self, step: int, layer: str, overlays: np.ndarray, labels: Sequence[str]) -> bool:
+        """Queue a Grad-CAM figure (``overlays``: ``[n, H, W, 3]`` in ``[0, 1]``), named ``"gradcam"``."""
+        from lit_probe.figures import gradcam_grid
+
+        ov = np.array(overlays, dtype=np.float32, copy=True)
+        title = f"{layer} \u00b7 Grad-CAM \u00b7 step {int(step)}"
+        job = functools.partial(self._draw, str(layer), "gradcam", int(step),
+                                functools.partial(gradcam_grid, ov, title=title, labels=list(labels)))
+        return self._worker.submit(job)
+
     def drain(self, timeout: float | None = 60.0) -> bool:
         """Wait for every queued figure to be written. Returns ``False`` on timeout."""
         return self._worker.drain(timeout)

@@ -43,6 +43,8 @@ def _assert_configured(probe: FeatureProbe, init_args: dict) -> None:
             got = None if got.to_dict() == FeatureProbe().thresholds.to_dict() else got.to_dict()
         if isinstance(got, tuple):
             got = list(got)
+        if value is None and got == []:  # list arguments given as null are stored as []
+            got = None
         assert got == value, (key, got, value)
 
 

@@ -105,3 +105,30 @@ def test_figures_off(tmp_path):
     p, _ = fit_with_figures(tmp_path, figures=("timeline",))
     assert not (tmp_path / "probe" / "net.conv1").exists()
     png_ok(tmp_path / "probe" / "_all" / "timeline.png")
+
+
+def test_gradcam_layers_draw_and_change_nothing(tmp_path):
+    def run(with_probe):
+        torch.manual_seed(0)
+        m = Classifier(TinyCNN())
+        cbs = [FeatureProbe(probes=["net.conv1"], gradcam_layers=["net.bn2"], figure_every_n_steps=4,
+                            figures=("activations",), num_samples=3, save_dir=str(tmp_path / "probe"))] \
+            if with_probe else []
+        trainer(tmp_path, callbacks=cbs, max_steps=6).fit(m, make_loader(n=96, image=(3, 16, 16)))
+        return m
+
+    m0, m1 = run(False), run(True)
+    assert m0.losses == m1.losses
+    for (k, a), (_, b) in zip(m0.state_dict().items(), m1.state_dict().items()):
+        assert torch.equal(a, b), k  # BatchNorm buffers included: the Grad-CAM pass ran in eval mode
+    assert m1.training and all(mod.training for mod in m1.modules())
+    arr = png_ok(tmp_path / "probe" / "net.bn2" / "gradcam.png")
+    assert arr.shape[1] > arr.shape[0]  # three overlays side by side
+
+
+def test_gradcam_layers_unknown_path_fails_at_start(tmp_path):
+    from lit_probe import ProbeConfigError
+
+    p = FeatureProbe(probes=["net.conv1"], gradcam_layers=["net.bn3"])
+    with pytest.raises(ProbeConfigError, match="net.bn2"):
+        trainer(tmp_path, callbacks=[p], max_steps=2).fit(Classifier(TinyCNN()), make_loader(image=(3, 8, 8)))
