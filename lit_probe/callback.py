@@ -194,7 +194,6 @@ class FeatureProbe(Callback):
         self._is_zero = True
         self._info_said: set[str] = set()
         self._dead_log: dict[int, list[tuple[int, float]]] = {}
-        self._wrote_files = False
         self._gradcam_names: list[str] = []
         self._gc_images: Optional[torch.Tensor] = None
         self._prev_step: Optional[int] = None  # step of the previous completed batch
@@ -582,7 +581,6 @@ class FeatureProbe(Callback):
             self._out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self._out_dir / "findings.jsonl", "".join(f.to_json() + "\n" for f in self.findings))
             atomic_write_text(self._out_dir / "summary.md", findings_to_markdown(self.findings, extra_lines=lines))
-            self._wrote_files = True
         except OSError as err:
             self._say(f"lit_probe: cannot write findings to {self._out_dir} ({err}); they stay in `probe.findings`.")
         if self._renderer is not None and self.findings:
