@@ -106,7 +106,6 @@ class History:
         self._steps = np.full(self.capacity, -1, dtype=np.int64)
         self._values = np.full((self.capacity, slots, len(STATS)), np.nan, dtype=np.float32)
         self._n = 0  # total rows appended
-        self.dead_fraction: dict[int, tuple[int, float]] = {}  # slot -> (step, fraction) at the last flush
 
     def append(self, d: Derived) -> None:
         for i in range(len(d)):

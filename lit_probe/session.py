@@ -242,7 +242,6 @@ class ProbeSession:
         self.history.append(d)
         new = self.diagnoser.update(d, units, self.buffer.first_seen)
         self.findings.extend(new)
-        self._last_derived = d
         self._last_units = units
         return new
 
