@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::lit_probe.callback.ProbeWarnin
 def _small_args(tmp_path: Path) -> dict[str, list[str]]:
     return {
         "plain_callback.py": ["--out", str(tmp_path / "out"), "--steps", "22"],
+        "features_and_gradcam.py": ["--out", str(tmp_path / "out"), "--images", "2"],
         "mixin_resnet.py": ["--out", str(tmp_path / "out"), "--steps", "3", "--batch-size", "8"],
         "train_cli.py": ["fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "probe.yaml"),
                          "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path / 'out'}",
@@ -60,11 +61,14 @@ def test_example_runs_and_writes_only_under_its_directory(name, tmp_path, monkey
     before = _repo_files()
     runpy.run_path(str(EXAMPLES / name), run_name="__main__")
     out = tmp_path / "out"
-    assert (out / "probe" / "summary.md").is_file(), sorted(map(str, tmp_path.rglob("*")))[:30]
+    expected = out / ("gradcam.png" if name == "features_and_gradcam.py" else "probe/summary.md")
+    assert expected.is_file(), sorted(map(str, tmp_path.rglob("*")))[:30]
     assert not list(run_dir.iterdir()), list(run_dir.iterdir())  # nothing outside --out
     assert _repo_files() <= before
     text = capsys.readouterr().out
     if name == "plain_callback.py":
         assert "block2.act" in text and "dead" in text  # the demo's dead ReLU, after its 20-step window
+    if name == "features_and_gradcam.py":
+        assert "layer1.0.relu ran 2 times" in text
     if name == "mixin_resnet.py":
         assert "probed: backbone.layer1, backbone.layer4.0, backbone.layer4.1" in text
