@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-import pytorch_lightning as pl
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torchvision.models import resnet18

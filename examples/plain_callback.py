@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-import pytorch_lightning as pl
+import lightning.pytorch as pl  # the unified package; `import pytorch_lightning as pl` works the same
 
 from lit_probe import FeatureProbe
 from lit_probe.demo import BUGS, DemoCNN, ShapesDataModule

@@ -7,13 +7,16 @@ configs/probe_large_model.yaml (block outputs only). Inject a bug with ``--model
 layers with ``--trainer.callbacks.init_args.probes='["block2.act", "block3.*"]'``.
 """
 
-from pytorch_lightning.cli import LightningCLI
+import importlib
 
-from lit_probe.demo import DemoCNN, ShapesDataModule
+from lit_probe.demo import DemoCNN, ShapesDataModule, pl
 
 
-def main(args=None) -> LightningCLI:
-    return LightningCLI(DemoCNN, ShapesDataModule, args=args)
+def main(args=None):
+    # the demo's own Lightning package (lightning.pytorch when installed); the config file is rewritten on every
+    # run so the documented command works again and again
+    cli = importlib.import_module(f"{pl.__name__}.cli")  # lightning.pytorch.cli or pytorch_lightning.cli
+    return cli.LightningCLI(DemoCNN, ShapesDataModule, args=args, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

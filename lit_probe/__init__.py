@@ -3,42 +3,55 @@
 ``Trainer(callbacks=[FeatureProbe(probes=["layer1", "layer3.*"])])`` hooks the named modules, measures
 activations and gradients on the device, diagnoses dead, exploding, vanishing and non-finite layers, draws
 figures, and leaves the model exactly as it was.
+
+Every name here is imported on first use: ``import lit_probe`` imports neither torch nor Lightning, and
+``lit_probe.FeatureProbe`` imports only the Lightning package(s) installed (see :mod:`lit_probe.callback`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .diagnose import Thresholds as Thresholds
-from .errors import ProbeAlarm as ProbeAlarm
-from .errors import ProbeConfigError as ProbeConfigError
-from .errors import ProbeError as ProbeError
-from .errors import ProbeSelectionError as ProbeSelectionError
-from .extract import capture as capture
-from .extract import extract_features as extract_features
-from .findings import Finding as Finding
-from .findings import Severity as Severity
-from .mixin import ProbeMixin as ProbeMixin
-from .gradcam import gradcam as gradcam
-from .selection import list_probe_points as list_probe_points
-from .session import ProbeSession as ProbeSession
-
-if TYPE_CHECKING:  # imported lazily below: only FeatureProbe needs Lightning
+if TYPE_CHECKING:
     from .callback import FeatureProbe as FeatureProbe
     from .callback import ProbeWarning as ProbeWarning
+    from .diagnose import Thresholds as Thresholds
+    from .errors import ProbeAlarm as ProbeAlarm
+    from .errors import ProbeConfigError as ProbeConfigError
+    from .errors import ProbeError as ProbeError
+    from .errors import ProbeSelectionError as ProbeSelectionError
+    from .extract import capture as capture
+    from .extract import extract_features as extract_features
+    from .findings import Finding as Finding
+    from .findings import Incident as Incident
+    from .findings import Severity as Severity
+    from .gradcam import gradcam as gradcam
+    from .mixin import ProbeMixin as ProbeMixin
+    from .selection import list_probe_points as list_probe_points
+    from .session import ProbeSession as ProbeSession
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["FeatureProbe", "ProbeWarning", "ProbeMixin", "ProbeSession", "Finding", "Severity", "Thresholds",
-           "ProbeError", "ProbeConfigError", "ProbeSelectionError", "ProbeAlarm", "list_probe_points",
-           "capture", "extract_features", "gradcam",
-           "__version__"]
+_WHERE = {
+    "FeatureProbe": "callback", "ProbeWarning": "callback", "Thresholds": "diagnose", "ProbeAlarm": "errors",
+    "ProbeConfigError": "errors", "ProbeError": "errors", "ProbeSelectionError": "errors", "capture": "extract",
+    "extract_features": "extract", "Finding": "findings", "Incident": "findings", "Severity": "findings",
+    "gradcam": "gradcam", "ProbeMixin": "mixin", "list_probe_points": "selection", "ProbeSession": "session",
+}
+
+__all__ = sorted(_WHERE) + ["__version__"]
 
 
-def __getattr__(name: str):
-    # FeatureProbe needs Lightning; import it on first use so the core stays importable without it
-    if name in ("FeatureProbe", "ProbeWarning"):
-        from . import callback
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lit_probe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    if name != "FeatureProbe":  # FeatureProbe stays resolved by lit_probe.callback (see there)
+        globals()[name] = value
+    return value
 
-        return getattr(callback, name)
-    raise AttributeError(f"module 'lit_probe' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,4 +1,5 @@
-"""Command line: ``lit-probe demo`` and ``lit-probe paths MODEL`` (also ``python -m lit_probe ...``).
+"""Command line: ``lit-probe demo``, ``lit-probe paths MODEL`` and ``lit-probe report SAVE_DIR`` (also
+``python -m lit_probe ...``).
 
 ``demo`` trains the bundled :class:`~lit_probe.demo.DemoCNN`, with one of its injected bugs, under a
 :class:`~lit_probe.FeatureProbe`, then prints what the probe found and where its files are::
@@ -12,21 +13,34 @@
     lit-probe paths resnet18 --depth 2
     lit-probe paths my_package.models:MyNet
 
-Exit status: 0 when the command ran (findings or not), 2 for a usage error.
+``report`` writes ``SAVE_DIR/report.html``, one self-contained page of a run's findings and figures
+(:func:`lit_probe.report.write_report`), and prints its path::
+
+    lit-probe report lit_probe_demo/probe
+
+Arguments are parsed before torch or Lightning is imported, so ``--help`` and usage errors are quick.
+
+Exit status: 0 when the command ran (findings or not), 2 for a usage error: bad arguments (argparse's usage
+and error), or an output directory that cannot be created or written, or a SAVE_DIR that is not a directory
+(one line on stderr, before a minute of training is spent).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 __all__ = ["main", "build_parser"]
 
-_BUGS = ("none", "dead-relu", "exploding", "nan", "vanishing")
+_BUGS = ("none", "dead-relu", "exploding", "nan", "vanishing")  # lit_probe.demo.BUGS
+#: ``lit_probe.demo.DEMO_STEPS``, repeated here so that parsing needs no torch (a test keeps them equal).
+_DEMO_STEPS = 60
 _MAX_TABLE_ROWS = 25
 
 
@@ -51,14 +65,12 @@ _int = _int_at_least(None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``lit-probe`` argument parser."""
-    from .demo import DEMO_STEPS
-
+    """The ``lit-probe`` argument parser (imports nothing heavy)."""
     parser = argparse.ArgumentParser(
         prog="lit-probe", description="See inside PyTorch Lightning training while it runs.",
         epilog="Run `lit-probe demo` first: it trains a small CNN with an injected bug and shows what the probe "
                "finds.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,paths}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,paths,report}")
     sub.required = True
 
     demo = sub.add_parser(
@@ -68,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bug", choices=_BUGS, default="none", help="the bug to inject (default: %(default)s)")
     demo.add_argument("--out", type=Path, default=Path("lit_probe_demo"),
                       help="output directory: figures, summary.md, logs, the W&B run (default: ./%(default)s)")
-    demo.add_argument("--steps", type=_positive_int, default=DEMO_STEPS,
+    demo.add_argument("--steps", type=_positive_int, default=_DEMO_STEPS,
                       help="training steps, >= 1 (default: %(default)s; every bug shows within it)")
     demo.add_argument("--wandb", choices=("offline", "online", "disabled"), default="offline",
                       help="W&B logging; offline needs no network or account (default: %(default)s)")
@@ -87,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "'module.path:ClassName' (built with no arguments)")
     paths.add_argument("--depth", type=_positive_int, default=None, metavar="N",
                        help="only paths with at most N dotted segments")
+
+    report = sub.add_parser(
+        "report", help="write SAVE_DIR/report.html: one self-contained page of a run's findings and figures",
+        description="Write SAVE_DIR/report.html from what a probed run left in its save dir (findings.jsonl, "
+                    "summary.md, the figures): incidents and findings first, the health timeline, each finding's "
+                    "figures before and after, every layer's latest figures. Images are inlined: the file opens "
+                    "from disk, with no network access. Prints the report's path.")
+    report.add_argument("save_dir", metavar="SAVE_DIR", type=Path,
+                        help="the probe's save dir (FeatureProbe(save_dir=...); by default "
+                             "<default_root_dir>/probe); a demo's --out directory works too")
+    report.add_argument("--title", default=None, help="the page title (default: 'lit-probe report: <dir name>')")
     return parser
 
 
@@ -97,14 +120,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(None if argv is None else list(argv))
     if args.command == "demo":
         return _demo(args)
+    if args.command == "report":
+        return _report(args)
     return _paths(args, parser)
+
+
+def _error(command: str, message: str) -> int:
+    """One line on stderr, like argparse's own errors; returns the usage-error status 2."""
+    print(f"lit-probe {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _writable_dir_problem(path: Path) -> Optional[str]:
+    """``None`` when ``path`` is, or has just been made, a writable directory; else why not, in a few words."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return "it exists and is not a directory"
+    except OSError as err:
+        return f"cannot create it: {err.strerror or err}"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".lit-probe-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        return f"cannot write in it: {err.strerror or err}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    problem = _writable_dir_problem(out)  # before torch is imported, and before a minute of training
+    if problem is not None:
+        return _error("demo", f"--out {out}: {problem}")
+
     from .demo import DEMO_STEPS, EXPECTED, run_demo
 
-    out: Path = args.out
     findings = run_demo(out, steps=args.steps, bug=args.bug, wandb=args.wandb, mode=args.mode, seed=args.seed,
                         figure_every_n_steps=args.figure_every, progress_bar=not args.no_progress_bar)
     print()
@@ -114,15 +166,55 @@ def _demo(args: argparse.Namespace) -> int:
     expected = EXPECTED.get(args.bug)
     if expected is not None:
         layer, signal, kind = expected
-        hit = [f for f in findings if (f.layer, f.signal, f.kind) == expected]
-        if hit:
-            print(f"\nThe injected bug ({args.bug}) shows as expected: {kind} {signal} at `{layer}`, "
-                  f"from step {hit[0].step}.")
+        causes = [f for f in findings if f.cause] or list(findings[:1])
+        first = causes[0] if causes else None
+        if first is not None and (first.layer, first.signal, first.kind) == expected:
+            print(f"\nThe injected bug ({args.bug}) is the first incident, as expected: {kind} {signal} at "
+                  f"`{layer}`, from step {first.step}.")
+        elif any((f.layer, f.signal, f.kind) == expected for f in findings):
+            print(f"\nThe injected bug ({args.bug}) was found ({kind} {signal} at `{layer}`), but not as the first "
+                  f"incident: the first is {first.kind} {first.signal} at `{first.layer}`, step {first.step}.")
         else:
             print(f"\nThe injected bug ({args.bug}) shows as {kind} {signal} at `{layer}`, which this run did not "
                   f"reach; run more --steps (the default, {DEMO_STEPS}, shows every bug).")
     print()
     print(_where(out, args.wandb))
+    report = _demo_report(out / "probe")
+    if report is not None:
+        print(f"\nReport: {report}  (one self-contained page: open it in a browser)")
+    return 0
+
+
+def _demo_report(save_dir: Path) -> Optional[Path]:
+    """The demo's ``report.html``: the one fit end wrote, else written now; ``None`` when it cannot be."""
+    path = save_dir / "report.html"
+    if path.is_file():
+        return path
+    from .report import write_report
+
+    try:
+        return write_report(save_dir)
+    except OSError as err:
+        print(f"(no report: {err})")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _report(args: argparse.Namespace) -> int:
+    save_dir: Path = args.save_dir
+    if not save_dir.is_dir():
+        what = "does not exist" if not save_dir.exists() else "is not a directory"
+        return _error("report", f"SAVE_DIR {save_dir} {what}")
+    if not any((save_dir / n).exists() for n in ("findings.jsonl", "summary.md")) and \
+            (save_dir / "probe").is_dir():  # a demo's --out, or a trainer's default_root_dir
+        save_dir = save_dir / "probe"
+    from .report import write_report
+
+    try:
+        path = write_report(save_dir, title=args.title)
+    except OSError as err:
+        return _error("report", f"cannot write {save_dir / 'report.html'}: {err.strerror or err}")
+    print(path)
     return 0
 
 
@@ -133,6 +225,16 @@ def format_findings(findings: Sequence[Any], max_rows: int = _MAX_TABLE_ROWS) ->
 
     if not findings:
         return "No findings: every probed layer stayed within the thresholds."
+    lines: list[str] = []
+    causes = [f for f in findings if getattr(f, "cause", False)]
+    if causes:  # incidents first: one root cause per line, then every finding grouped under its incident
+        lines.append(f"Incidents ({len(causes)}), root cause first:")
+        for f in causes:
+            later = sorted({g.layer for g in findings if g.incident == f.incident and g is not f} - {f.layer})
+            reached = f"; then {len(later)} more layer(s): {', '.join(later[:4])}" if later else ""
+            lines.append(f"  #{f.incident}  step {f.step}  {f.kind} {f.signal} at {f.layer}{reached}")
+        lines.append("")
+        findings = sorted(findings, key=lambda f: (f.incident, not f.cause, f.step))
     head = ("layer", "signal", "kind", "step", "value", "threshold")
     rows = [(f.layer, f.signal, f.kind, str(f.step), f"{f.value:.4g}", f"{f.threshold:.4g}")
             for f in findings[:max_rows]]
@@ -142,7 +244,7 @@ def format_findings(findings: Sequence[Any], max_rows: int = _MAX_TABLE_ROWS) ->
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    lines = [f"Findings ({len(findings)}):", line(head), line(["-" * w for w in widths])]
+    lines += [f"Findings ({len(findings)}):", line(head), line(["-" * w for w in widths])]
     lines += [line(r) for r in rows]
     if len(findings) > max_rows:
         lines.append(f"... and {len(findings) - max_rows} more (see summary.md / findings.jsonl)")

@@ -39,11 +39,15 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+try:  # the unified package first; `pytorch_lightning` where only it is installed
+    import lightning.pytorch as pl
+except ImportError:  # pragma: no cover - depends on what is installed
+    import pytorch_lightning as pl  # type: ignore[no-redef]
 
 if TYPE_CHECKING:
     from .findings import Finding
@@ -368,6 +372,10 @@ DEMO_STEPS = 60
 #: ``Trainer(log_every_n_steps=...)`` of the demo: the probe reads its statistics (and runs the detectors)
 #: this often, so findings show within a few steps of the problem.
 DEMO_LOG_EVERY_N_STEPS = 5
+#: The demo is 60 steps long: it judges vanishing gradients from step 20 over 4 measured steps in a row. The
+#: defaults (from step 100, over 20 measured steps) are for real runs, where a few steps after initialisation
+#: is too early to judge.
+DEMO_THRESHOLDS: dict[str, float] = {"vanishing_min_step": 20, "vanishing_window": 4}
 WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
 
 
@@ -441,7 +449,7 @@ def _fit_demo(out: Path, steps: int, bug: str, wandb: str, mode: str, seed: int,
               progress_bar: bool) -> "list[Finding]":
     import warnings
 
-    from pytorch_lightning.loggers import CSVLogger
+    CSVLogger = pl.loggers.CSVLogger
 
     from .callback import FeatureProbe
 
@@ -451,11 +459,11 @@ def _fit_demo(out: Path, steps: int, bug: str, wandb: str, mode: str, seed: int,
     except ImportError:
         pass
     else:
-        from pytorch_lightning.loggers import TensorBoardLogger
+        TensorBoardLogger = pl.loggers.TensorBoardLogger
 
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard"))
     if wandb != "disabled":
-        from pytorch_lightning.loggers import WandbLogger
+        WandbLogger = pl.loggers.WandbLogger
 
         os.environ["WANDB_MODE"] = wandb
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -464,7 +472,8 @@ def _fit_demo(out: Path, steps: int, bug: str, wandb: str, mode: str, seed: int,
     model = DemoCNN(bug=bug, seed=seed, bug_step=demo_bug_step(steps))  # type: ignore[arg-type]
     data = ShapesDataModule(seed=seed)
     probe = FeatureProbe(probes=DEFAULT_PROBES, save_dir=str(out / "probe"), mode=mode,  # type: ignore[arg-type]
-                         figure_every_n_steps=fig_every, log_to_wandb=wandb != "disabled")
+                         figure_every_n_steps=fig_every, log_to_wandb=wandb != "disabled",
+                         thresholds=DEMO_THRESHOLDS)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=loggers, callbacks=[probe],
                          default_root_dir=str(out), log_every_n_steps=DEMO_LOG_EVERY_N_STEPS,
                          limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,

@@ -1,34 +1,38 @@
 """Diagnose
 ========
 
-Detectors: functions of the statistics history that return :class:`~lit_probe.Finding` objects. They run
-on the host at log steps, never on the training hot path. Each detector declares the statistics it
-``requires``; the thresholds are documented, typed defaults in :class:`Thresholds`.
+Detectors: pure functions of (state, new statistics) -> (state, findings). They run on the host at log steps,
+never on the training hot path; :func:`diagnose` runs them all over the rows of one flush. The state
+(:class:`Diagnosis`) is a value: ``diagnose`` returns a new one and never changes the one it was given. The
+thresholds are documented, typed defaults in :class:`Thresholds`.
 
-A finding is reported once per (layer, signal, kind) until it clears (the condition stops holding).
+A finding is reported once per (stream, signal, kind) until it clears (the condition stops holding). Each
+detector's docstring says what it requires of the statistics.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .errors import ProbeConfigError
 from .findings import Finding
 from .history import Derived, nonfinite_flags
 from .selection import check_thresholds_keys
+from .errors import ProbeConfigError
 
-#: Layers with fewer units than this are not judged for dead units.
+#: Streams with fewer units than this are not judged for dead units (a head with 1-3 outputs).
 MIN_UNITS = 4
-#: Affine and normalisation outputs (Linear, Conv, BatchNorm, ...) are pre-activations: a unit that is never
-#: positive is dead only for a ReLU that may follow, so they are reported only when this fraction is reached.
-AFFINE_DEAD_FRACTION = 0.99
+#: Streams with fewer units than this (but at least MIN_UNITS) are dead only when this fraction of them is: in a
+#: squeeze-excitation bottleneck of 8 units, 4 may be dead in a healthy model (RegNet, measured).
+SMALL_UNITS = 16
+SMALL_DEAD_FRACTION = 0.9
 
-__all__ = ["Thresholds", "Diagnoser", "find_nonfinite", "find_exploding", "find_vanishing", "find_dead"]
+__all__ = ["Thresholds", "Diagnosis", "diagnose", "find_nonfinite", "find_exploding", "find_vanishing",
+           "find_dead"]
 
 
 @dataclass(frozen=True)
@@ -36,20 +40,23 @@ class Thresholds:
     """Detector thresholds. Every field can be overridden with ``FeatureProbe(thresholds={...})``.
 
     Attributes:
-        dead_fraction: a layer is *dead* when at least this fraction of its units (channels for conv-like
-            outputs, features for linear/sequence outputs) never fired (was never positive) over
-            ``dead_window`` training steps. Default 0.5.
+        dead_fraction: a ReLU-like stream (ReLU, ReLU6, or a container returning one) is *dead* when at least
+            this fraction of its units (channels of conv-like outputs, features of linear/sequence outputs)
+            was never positive over ``dead_window`` training steps. Other layers are not judged: a SiLU, GELU,
+            identity or linear output is negative without being dead. Default 0.5.
         dead_window: the window, in training steps, over which a unit must fire at least once. Default 20.
         exploding_absmax: an activation or gradient whose largest absolute value exceeds this is
             *exploding*. Default 1e6.
-        exploding_growth: ... or whose largest absolute value exceeds this factor times the layer's running
+        exploding_growth: ... or whose largest absolute value exceeds this factor times the stream's running
             median of it (once ``min_history`` steps are known). Default 1000.
         growth_window: steps in that running median. Default 50.
         min_history: steps of history before the growth rule applies. Default 5.
-        vanishing_ratio: a layer's gradient is *vanishing* when its L2 norm stays below this fraction of the
-            largest gradient norm among the probed layers (median over ``vanishing_window`` measured
-            steps). Default 1e-4.
-        vanishing_window: measured steps in that median. Default 5.
+        vanishing_ratio: a gradient stream is *vanishing* when the largest gradient norm at or below it (itself
+            and the streams computed before it in the forward pass) stays below this fraction of the step's
+            largest gradient norm, on ``vanishing_window`` measured steps in a row (see
+            :func:`find_vanishing`). Default 1e-4.
+        vanishing_window: measured (full-statistics) steps in a row. Default 5.
+        vanishing_min_step: no vanishing judgement before this training step. Default 0.
     """
 
     dead_fraction: float = 0.5
@@ -60,6 +67,7 @@ class Thresholds:
     min_history: int = 5
     vanishing_ratio: float = 1e-4
     vanishing_window: int = 5
+    vanishing_min_step: int = 0
 
     @classmethod
     def from_dict(cls, overrides: Mapping[str, float] | None) -> "Thresholds":
@@ -93,187 +101,240 @@ class Thresholds:
         num("min_history", 1, lo_open=False, integer=True)
         num("vanishing_ratio", 0.0, 1.0)
         num("vanishing_window", 1, lo_open=False, integer=True)
+        num("vanishing_min_step", 0, lo_open=False, integer=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-class Diagnoser:
-    """Runs every detector over newly arrived steps and remembers which findings are active.
+@dataclass
+class Diagnosis:
+    """What the detectors remember between flushes (a value: :func:`diagnose` returns a new one).
 
-    Args:
-        names: layer name per slot.
-        signals: signal (``"activation"``/``"gradient"``) per slot.
-        thresholds: the thresholds.
-        dead_slots: slots judged for dead units.
+    Attributes:
+        active: ``(slot, kind)`` findings currently active (reported once until they clear).
+        nonfinite_active: per signal, whether non-finite values were present at the last row.
+        absmax: per slot, the last ``growth_window`` finite, non-exploded absmax values.
+        small: per gradient slot, how many consecutive measured steps it was below the vanishing ratio.
+        skipped_steps: steps the GradScaler skipped (inf gradients by design).
+        dead_latest: per judged slot, the dead fraction at the last flush (only once its window was seen).
     """
 
-    def __init__(self, names: Sequence[str], signals: Sequence[str], thresholds: Thresholds,
-                 dead_slots: Sequence[int] = (), affine_slots: Sequence[int] = ()) -> None:
-        self.names = list(names)
-        self.signals = list(signals)
-        self.t = thresholds
-        self.dead_slots = set(dead_slots)
-        self.affine_slots = set(affine_slots)
-        self.active: set[tuple[int, str]] = set()
-        self.nonfinite_active: dict[str, bool] = {"activation": False, "gradient": False}
-        self._absmax: dict[int, deque] = {}
-        self._ratio: dict[int, deque] = {}
-        self.skipped_steps: list[int] = []
-        self.dead_fraction_latest: dict[int, float] = {}
+    active: set = field(default_factory=set)
+    nonfinite_active: dict = field(default_factory=lambda: {"activation": False, "gradient": False})
+    absmax: dict = field(default_factory=dict)
+    small: dict = field(default_factory=dict)
+    skipped_steps: list = field(default_factory=list)
+    dead_latest: dict = field(default_factory=dict)
 
-    def _emit(self, slot: int, kind: str, step: int, value: float, threshold: float, message: str,
-              stat: str, extra: dict | None = None) -> Finding:
+    def copy(self) -> "Diagnosis":
+        return copy.deepcopy(self)
+
+    def state_dict(self) -> dict:
+        return {"active": [[int(s), k] for s, k in sorted(self.active)],
+                "nonfinite_active": dict(self.nonfinite_active),
+                "absmax": {int(s): [float(x) for x in q] for s, q in self.absmax.items()},
+                "small": {int(s): int(v) for s, v in self.small.items()},
+                "skipped_steps": [int(x) for x in self.skipped_steps]}
+
+    @classmethod
+    def from_state(cls, state: Mapping) -> "Diagnosis":
+        return cls(active={(int(s), str(k)) for s, k in state.get("active", [])},
+                   nonfinite_active={"activation": False, "gradient": False, **state.get("nonfinite_active", {})},
+                   absmax={int(s): list(v) for s, v in state.get("absmax", {}).items()},
+                   small={int(s): int(v) for s, v in state.get("small", {}).items()},
+                   skipped_steps=list(state.get("skipped_steps", [])))
+
+
+@dataclass(frozen=True)
+class Streams:
+    """What the detectors know of each slot: its stream name, signal, and whether it is judged for death."""
+
+    names: Sequence[str]
+    signals: Sequence[str]
+    dead_judged: Sequence[bool]
+
+    def emit(self, slot: int, kind: str, step: int, value: float, threshold: float, message: str, stat: str,
+             extra: dict | None = None) -> Finding:
         return Finding(step=int(step), layer=self.names[slot], signal=self.signals[slot], kind=kind,
                        value=float(value), threshold=float(threshold), message=message, stat=stat,
                        extra=extra or {})
 
-    def update(self, d: Derived, units: Mapping[int, np.ndarray] | None = None,
-               first_seen: Mapping[int, int] | None = None) -> list[Finding]:
-        """Findings among the steps of ``d`` (and the unit windows at its last step)."""
-        out: list[Finding] = []
-        for i in range(len(d)):
-            if _skipped(d, i):
-                self.skipped_steps.append(int(d.steps[i]))
-            out += find_nonfinite(self, d, i)
-            out += find_exploding(self, d, i)
-            out += find_vanishing(self, d, i)
-        if units and len(d):
-            out += find_dead(self, int(d.steps[-1]), units, first_seen or {})
-        order = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead": 3}
-        return sorted(out, key=lambda f: (f.step, f.signal != "activation", order.get(f.kind, 9)))
 
-    def state_dict(self) -> dict:
-        return {"active": [[s, k] for s, k in sorted(self.active)],
-                "nonfinite_active": dict(self.nonfinite_active),
-                "absmax": {int(s): [float(x) for x in q] for s, q in self._absmax.items()},
-                "ratio": {int(s): [float(x) for x in q] for s, q in self._ratio.items()}}
+def diagnose(state: Diagnosis, d: Derived, units: Mapping[int, np.ndarray] | None,
+             first_seen: Mapping[int, int] | None, names: Sequence[str], signals: Sequence[str],
+             dead_judged: Sequence[bool], t: Thresholds) -> tuple[Diagnosis, list[Finding]]:
+    """Run every detector over the rows of ``d`` (and the unit windows at its last step).
 
-    def load_state_dict(self, state: Mapping) -> None:
-        self.active = {(int(s), str(k)) for s, k in state.get("active", [])}
-        self.nonfinite_active.update(state.get("nonfinite_active", {}))
-        self._absmax = {int(s): deque(v, maxlen=self.t.growth_window) for s, v in state.get("absmax", {}).items()}
-        self._ratio = {int(s): deque(v, maxlen=self.t.vanishing_window) for s, v in state.get("ratio", {}).items()}
+    Returns:
+        the new state and the new findings, ordered by step, then activation before gradient, then the
+        order in which the streams ran (forward order for activations, backward order for gradients).
+    """
+    st = state.copy()
+    streams = Streams(names, signals, dead_judged)
+    out: list[Finding] = []
+    for i in range(len(d)):
+        if _skipped(d, i):
+            st.skipped_steps.append(int(d.steps[i]))
+        st, f = find_nonfinite(st, d, i, streams)
+        out += f
+        st, f = find_exploding(st, d, i, streams, t)
+        out += f
+        st, f = find_vanishing(st, d, i, streams, t)
+        out += f
+    if units and len(d):
+        st, f = find_dead(st, int(d.steps[-1]), units, first_seen or {}, streams, t)
+        out += f
+    position = {}
+    for i in range(len(d)):
+        for k, slot in enumerate(d.order[i] if i < len(d.order) else []):
+            position.setdefault((int(d.steps[i]), names[slot]), k)
+    rank = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead": 3}
+    return st, sorted(out, key=lambda f: (f.step, f.signal != "activation", position.get((f.step, f.layer), 1e9),
+                                          rank.get(f.kind, 9)))
 
 
 def _skipped(d: Derived, i: int) -> bool:
     return bool(np.nanmax(d.get("skipped")[i], initial=0) == 1)
 
 
-def find_nonfinite(dg: Diagnoser, d: Derived, i: int) -> list[Finding]:
-    """NaN/Inf: the FIRST layer where they appeared (forward order for activations, backward order for
+def find_nonfinite(st: Diagnosis, d: Derived, i: int, streams: Streams) -> tuple[Diagnosis, list[Finding]]:
+    """NaN/Inf: the FIRST stream where they appeared (forward order for activations, backward order for
     gradients), at the exact step. Requires: min, max (measured every step)."""
     flags = nonfinite_flags(d)[i]
     skipped = _skipped(d, i)
     out = []
     for signal in ("activation", "gradient"):
-        hit = [s for s in range(len(flags)) if flags[s] and dg.signals[s] == signal]
+        hit = [s for s in np.flatnonzero(flags) if streams.signals[s] == signal]
         if signal == "gradient" and skipped:
             hit = []  # GradScaler skipped this step: inf gradients by design, not a bug
         if not hit:
-            dg.nonfinite_active[signal] = False
+            st.nonfinite_active[signal] = False
             continue
-        if dg.nonfinite_active[signal]:
+        if st.nonfinite_active[signal]:
             continue
-        dg.nonfinite_active[signal] = True
-        order = [s for s in d.order[i] if s in hit] if i < len(d.order) else []
+        st.nonfinite_active[signal] = True
+        order = [s for s in d.order[i] if s in set(hit)] if i < len(d.order) else []
         first = order[0] if order else hit[0]
         count = d.get("nonfinite")[i, first]
-        others = [dg.names[s] for s in (order or hit) if s != first]
+        others = [streams.names[s] for s in (order or hit) if s != first]
         where = "forward" if signal == "activation" else "backward"
-        msg = (f"Non-finite values (NaN/Inf) first appeared in the {signal} of `{dg.names[first]}` at step "
+        msg = (f"Non-finite values (NaN/Inf) first appeared in the {signal} of `{streams.names[first]}` at step "
                f"{int(d.steps[i])} (first in {where} order")
-        msg += f"; also in {len(others)} later layer(s): {', '.join(others[:5])}{', ...' if len(others) > 5 else ''})" \
+        msg += f"; also in {len(others)} later stream(s): {', '.join(others[:5])}{', ...' if len(others) > 5 else ''})" \
             if others else ")"
-        out.append(dg._emit(first, "nonfinite", d.steps[i], count if count == count else 1.0, 0.0, msg + ".",
-                            "nonfinite", {"downstream": others}))
-    return out
+        out.append(streams.emit(first, "nonfinite", d.steps[i], count if count == count else 1.0, 0.0, msg + ".",
+                                "nonfinite", {"downstream": others}))
+    return st, out
 
 
-def find_exploding(dg: Diagnoser, d: Derived, i: int) -> list[Finding]:
-    """Absolute bound on absmax, or growth over the layer's running median. Requires: absmax (every step)."""
-    t = dg.t
+def find_exploding(st: Diagnosis, d: Derived, i: int, streams: Streams,
+                   t: Thresholds) -> tuple[Diagnosis, list[Finding]]:
+    """Absolute bound on absmax, or growth over the stream's running median. Requires: absmax (every step)."""
     absmax = d.get("absmax")[i]
     calls = d.get("calls")[i]
     skipped = _skipped(d, i)
     out = []
-    for s in range(len(absmax)):
-        a = absmax[s]
-        if not calls[s] > 0 or not np.isfinite(a) or (skipped and dg.signals[s] == "gradient"):
+    for s in np.flatnonzero((calls > 0) & np.isfinite(absmax)):
+        a = float(absmax[s])
+        if skipped and streams.signals[s] == "gradient":
             continue
-        q = dg._absmax.setdefault(s, deque(maxlen=t.growth_window))
+        q = st.absmax.setdefault(int(s), [])
         med = float(np.median(q)) if len(q) >= t.min_history else math.nan
         over_abs = a > t.exploding_absmax
         over_growth = med == med and med > 0 and a > t.exploding_growth * med
-        key = (s, "exploding")
+        key = (int(s), "exploding")
         if over_abs or over_growth:
-            if key not in dg.active:
-                dg.active.add(key)
+            if key not in st.active:
+                st.active.add(key)
                 thr = t.exploding_absmax if over_abs else t.exploding_growth * med
                 why = (f"above the bound {t.exploding_absmax:.3g}" if over_abs else
                        f"{a / med:.3g}x its running median {med:.3g}")
-                out.append(dg._emit(s, "exploding", d.steps[i], a, thr,
-                                    f"`{dg.names[s]}` {dg.signals[s]} is exploding at step {int(d.steps[i])}: "
-                                    f"max |value| {a:.3g}, {why}.", "absmax", {"median": med}))
+                out.append(streams.emit(s, "exploding", d.steps[i], a, thr,
+                                        f"`{streams.names[s]}` {streams.signals[s]} is exploding at step "
+                                        f"{int(d.steps[i])}: max |value| {a:.3g}, {why}.", "absmax",
+                                        {"median": med}))
             continue  # exploded values do not enter the median
-        dg.active.discard(key)
-        q.append(float(a))
-    return out
+        st.active.discard(key)
+        q.append(a)
+        if len(q) > t.growth_window:
+            del q[0]
+    return st, out
 
 
-def find_vanishing(dg: Diagnoser, d: Derived, i: int) -> list[Finding]:
-    """Gradient L2 norm far below the largest probed layer's, persistently. Requires: l2 (full steps)."""
-    t = dg.t
+def find_vanishing(st: Diagnosis, d: Derived, i: int, streams: Streams,
+                   t: Thresholds) -> tuple[Diagnosis, list[Finding]]:
+    """The gradient reaching the input end is tiny. Requires: l2 (full steps) and the backward order.
+
+    For a gradient stream s, the *envelope* E(s) is the largest gradient L2 norm among s and the streams
+    computed before it in the forward pass (at or after it in backward order). s is vanishing when
+    E(s) / (the largest gradient norm of the step) stays below ``vanishing_ratio`` on ``vanishing_window``
+    measured steps in a row. A branch whose gradient is small by design (LayerScale, attention q/k, a
+    squeeze-excitation pool, a small head) has a normal gradient on the path below it, so its envelope is
+    normal; a vanishing stack has every stream below it small. Exact zeros (E = 0) are blocked, not vanishing:
+    the dead detector's case.
+    """
     l2 = d.get("l2")[i]
-    grad = [s for s in range(len(l2)) if dg.signals[s] == "gradient" and np.isfinite(l2[s])]
-    if len(grad) < 2 or _skipped(d, i):
-        return []
-    top = max(l2[s] for s in grad)
+    step = int(d.steps[i])
+    if _skipped(d, i):
+        return st, []
+    order = [s for s in (d.order[i] if i < len(d.order) else []) if streams.signals[s] == "gradient"
+             and np.isfinite(l2[s])]
+    if len(order) < 3:
+        return st, []
+    values = l2[order]
+    top = float(values.max())
     if not top > 0:
-        return []
+        return st, []
+    envelope = np.maximum.accumulate(values[::-1])[::-1]  # E at each backward position: max over the rest
     out = []
-    for s in grad:
-        q = dg._ratio.setdefault(s, deque(maxlen=t.vanishing_window))
-        q.append(float(l2[s] / top))
+    for s, e in zip(order, envelope):
+        s = int(s)
         key = (s, "vanishing")
-        med = float(np.median(q))
-        if len(q) >= t.vanishing_window and med < t.vanishing_ratio:
-            if key not in dg.active:
-                dg.active.add(key)
-                size = "exactly zero" if med == 0 else f"{med:.3g}x the largest probed layer's"
-                out.append(dg._emit(s, "vanishing", d.steps[i], med, t.vanishing_ratio,
-                                    f"`{dg.names[s]}` gradient is vanishing at step {int(d.steps[i])}: its norm "
-                                    f"is {size} (median of {len(q)} measured steps).",
-                                    "grad_norm_ratio", {"rms": float(d.get('rms')[i, s])}))
-        elif med >= 10 * t.vanishing_ratio:  # hysteresis: a ratio hovering at the threshold is one finding
-            dg.active.discard(key)
-    return out
+        ratio = float(e / top)
+        if e == 0 or ratio >= 10 * t.vanishing_ratio:  # blocked, or clearly healthy (hysteresis)
+            st.small[s] = 0
+            st.active.discard(key)
+            continue
+        if ratio < t.vanishing_ratio:
+            st.small[s] = st.small.get(s, 0) + 1
+        if st.small.get(s, 0) >= t.vanishing_window and step >= t.vanishing_min_step and key not in st.active:
+            st.active.add(key)
+            out.append(streams.emit(s, "vanishing", step, ratio, t.vanishing_ratio,
+                                    f"`{streams.names[s]}` gradient is vanishing at step {step}: the largest "
+                                    f"gradient norm at or below it is {ratio:.3g}x the step's largest, on "
+                                    f"{st.small[s]} measured steps in a row.", "grad_envelope_ratio",
+                                    {"l2": float(l2[s]), "envelope": float(e), "top": top}))
+    return st, out
 
 
-def find_dead(dg: Diagnoser, step: int, units: Mapping[int, np.ndarray],
-              first_seen: Mapping[int, int]) -> list[Finding]:
-    """Units that never fired over the window. Requires: the per-unit last-fired steps."""
-    t = dg.t
+def find_dead(st: Diagnosis, step: int, units: Mapping[int, np.ndarray], first_seen: Mapping[int, int],
+              streams: Streams, t: Thresholds) -> tuple[Diagnosis, list[Finding]]:
+    """ReLU-like units never positive over the window. Requires: the per-unit last-fired steps."""
     out = []
     for s, last in units.items():
-        if s not in dg.dead_slots or last.size < MIN_UNITS:
-            continue  # a head with 1-3 outputs (regression, logits) has no meaningful dead fraction
+        if s >= len(streams.dead_judged) or not streams.dead_judged[s] or last.size < MIN_UNITS:
+            continue
         fs = first_seen.get(s, step)
+        if step - fs + 1 < t.dead_window:
+            continue  # the window has not been seen yet: no verdict, no dead fraction
         dead_from = np.maximum(last, fs) + t.dead_window
         dead = dead_from <= step
         frac = float(dead.mean())
-        dg.dead_fraction_latest[s] = frac
+        st.dead_latest[s] = frac
         key = (s, "dead")
-        thr = max(t.dead_fraction, AFFINE_DEAD_FRACTION) if s in dg.affine_slots else t.dead_fraction
+        thr = max(t.dead_fraction, SMALL_DEAD_FRACTION) if last.size < SMALL_UNITS else t.dead_fraction
         if frac >= thr:
-            if key not in dg.active:
-                dg.active.add(key)
+            if key not in st.active:
+                st.active.add(key)
                 k = max(1, math.ceil(thr * last.size))
-                when = int(np.sort(dead_from)[k - 1])
-                out.append(dg._emit(s, "dead", min(when, step), frac, thr,
-                                    f"`{dg.names[s]}`: {frac:.0%} of its {last.size} units never fired over "
-                                    f"{t.dead_window} steps (dead from step {min(when, step)}).", "dead_fraction",
-                                    {"units": int(last.size), "dead_units": int(dead.sum())}))
+                when = min(int(np.sort(dead_from)[k - 1]), step)
+                since = max(when - t.dead_window, 0)
+                out.append(streams.emit(s, "dead", when, frac, thr,
+                                        f"`{streams.names[s]}`: {frac:.0%} of its {last.size} units were never "
+                                        f"positive over {t.dead_window} steps (dead from step {when}).",
+                                        "dead_fraction", {"units": int(last.size), "dead_units": int(dead.sum()),
+                                                         "since": since}))
         else:
-            dg.active.discard(key)
-    return out
+            st.active.discard(key)
+    return st, out

@@ -8,14 +8,19 @@ The shared vocabulary between the detectors and everything that reports: :class:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-__all__ = ["Finding", "Severity", "KINDS", "SIGNALS", "ADVICE", "findings_to_markdown"]
+__all__ = ["Finding", "Incident", "Severity", "KINDS", "ADVICE", "group_incidents", "incidents_of",
+           "findings_to_markdown"]
 
-SIGNALS = ("activation", "gradient")
 KINDS = ("nonfinite", "exploding", "vanishing", "dead")
+#: Kinds that one root cause produces together: an explosion turns into NaN downstream and later.
+_FAMILY = {"nonfinite": "instability", "exploding": "instability", "vanishing": "vanishing", "dead": "dead"}
+#: A finding joins an open incident of its family when it comes at most this many steps after the incident's
+#: last finding.
+INCIDENT_GAP = 50
 
 #: One line of advice per finding kind, printed in summaries and the demo.
 ADVICE = {
@@ -54,6 +59,8 @@ class Finding:
         threshold: the threshold it was compared with.
         message: a sentence for people.
         stat: the name of the statistic ``value`` is.
+        incident: the id of the :class:`Incident` the finding belongs to (-1 before grouping).
+        cause: whether this finding is its incident's cause (its first stream and step).
     """
 
     step: int
@@ -65,6 +72,8 @@ class Finding:
     message: str = ""
     stat: str = ""
     extra: dict = field(default_factory=dict, compare=False)
+    incident: int = -1
+    cause: bool = False
 
     @property
     def severity(self) -> Severity:
@@ -90,9 +99,104 @@ class Finding:
         return self.message or f"{self.kind} {self.signal} at {self.layer} (step {self.step})"
 
 
+@dataclass(frozen=True)
+class Incident:
+    """One root cause: its first stream and step (the cause), and the streams it reached after.
+
+    Attributes:
+        id: the incident's number, in order of appearance.
+        kind: the cause's kind (``"nonfinite"``, ``"exploding"``, ``"vanishing"``, ``"dead"``).
+        signal: the cause's signal.
+        step: the cause's step.
+        layer: the cause's stream.
+        layers: the other streams it reached, in the order their findings came.
+        count: findings in the incident.
+    """
+
+    id: int
+    kind: str
+    signal: str
+    step: int
+    layer: str
+    layers: tuple[str, ...]
+    count: int
+
+    @property
+    def advice(self) -> str:
+        return ADVICE.get(self.kind, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+
+def group_incidents(previous: list[Finding], new: list[Finding]) -> tuple[list[Finding], list[Finding]]:
+    """Assign ``new`` findings (in the order the detectors give: step, activation before gradient, execution
+    order) to incidents, after the already grouped ``previous`` ones. Pure.
+
+    A finding joins the open incident of its family (non-finite and exploding are one family: an explosion
+    turns into NaN) when it comes at most :data:`INCIDENT_GAP` steps after that incident's last finding;
+    otherwise it opens a new incident and is its cause. Contradictions are dropped: a ``vanishing`` or ``dead``
+    finding that began after an open instability incident began (the median and the units of a diverging run
+    mean nothing; a unit dead *before* the explosion may be its cause and is kept), and a second finding of one
+    stream at one step.
+
+    Returns:
+        ``(kept, dropped)``: the new findings with ``incident`` and ``cause`` set, and those suppressed.
+    """
+    groups: dict[str, list[int]] = {}  # family -> [incident id, first step, last step]
+    next_id = 0
+    for f in sorted(previous, key=lambda f: (f.incident, f.step)):
+        fam = _FAMILY.get(f.kind, f.kind)
+        g = groups.get(fam)
+        if g is None or g[0] != f.incident:
+            groups[fam] = [f.incident, f.step, f.step]
+        else:
+            g[2] = max(g[2], f.step)
+        next_id = max(next_id, f.incident + 1)
+    seen = {(f.layer, f.step) for f in previous}
+    kept: list[Finding] = []
+    dropped: list[Finding] = []
+    for f in new:
+        fam = _FAMILY.get(f.kind, f.kind)
+        inst = groups.get("instability")
+        onset = int(f.extra.get("since", f.step)) if f.kind == "dead" else f.step
+        if fam in ("vanishing", "dead") and inst is not None and f.step <= inst[2] + INCIDENT_GAP \
+                and onset > inst[1]:
+            dropped.append(f)
+            continue
+        if (f.layer, f.step) in seen and f.kind != "nonfinite":
+            dropped.append(f)
+            continue
+        seen.add((f.layer, f.step))
+        g = groups.get(fam)
+        if g is not None and f.step <= g[2] + INCIDENT_GAP:
+            g[2] = max(g[2], f.step)
+            kept.append(replace(f, incident=g[0], cause=False))
+        else:
+            groups[fam] = [next_id, f.step, f.step]
+            kept.append(replace(f, incident=next_id, cause=True))
+            next_id += 1
+    return kept, dropped
+
+
+def incidents_of(findings: list[Finding]) -> list[Incident]:
+    """The incidents of grouped findings, in order of their cause's step."""
+    by_id: dict[int, list[Finding]] = {}
+    for f in findings:
+        by_id.setdefault(f.incident, []).append(f)
+    out = []
+    for iid, fs in by_id.items():
+        cause = next((f for f in fs if f.cause), fs[0])
+        layers = tuple(dict.fromkeys(f.layer for f in fs if f is not cause and f.layer != cause.layer))
+        out.append(Incident(iid, cause.kind, cause.signal, cause.step, cause.layer, layers, len(fs)))
+    return sorted(out, key=lambda x: (x.step, x.id))
+
+
 def findings_to_markdown(findings: list[Finding], title: str = "lit-probe summary",
                          extra_lines: list[str] | None = None) -> str:
-    """A human-readable ``summary.md``: a table of findings and one line of advice per kind."""
+    """A human-readable ``summary.md``: incidents first, then every finding, one line of advice per kind."""
     lines = [f"# {title}", ""]
     lines += list(extra_lines or [])
     if extra_lines:
@@ -100,13 +204,21 @@ def findings_to_markdown(findings: list[Finding], title: str = "lit-probe summar
     if not findings:
         lines.append("No findings: every probed layer stayed within the thresholds.")
         return "\n".join(lines) + "\n"
-    lines += ["| step | layer | signal | kind | value | threshold |", "| ---: | --- | --- | --- | ---: | ---: |"]
-    for f in sorted(findings, key=lambda f: (f.step, KINDS.index(f.kind) if f.kind in KINDS else 99)):
-        lines.append(f"| {f.step} | `{f.layer}` | {f.signal} | {f.kind} | {f.value:.4g} | {f.threshold:.4g} |")
+    incidents = incidents_of(findings)
+    lines += ["## Incidents (root causes first)", "",
+              "| # | cause: stream | signal | kind | step | then reached |", "| ---: | --- | --- | --- | ---: | --- |"]
+    for inc in incidents:
+        reached = ", ".join(f"`{x}`" for x in inc.layers[:6]) + (f" and {len(inc.layers) - 6} more"
+                                                                   if len(inc.layers) > 6 else "")
+        lines.append(f"| {inc.id} | `{inc.layer}` | {inc.signal} | {inc.kind} | {inc.step} | {reached or '-'} |")
     lines += ["", "## What to do", ""]
     for kind in KINDS:
-        if any(f.kind == kind for f in findings):
+        if any(i.kind == kind for i in incidents):
             lines.append(f"- **{kind}**: {ADVICE[kind]}")
-    lines.append("")
-    lines += ["## Details", ""] + [f"- step {f.step}: {f.message}" for f in findings]
+    lines += ["", "## Findings", "", "| incident | step | stream | signal | kind | value | threshold |",
+              "| ---: | ---: | --- | --- | --- | ---: | ---: |"]
+    for f in sorted(findings, key=lambda f: (f.incident, f.step)):
+        lines.append(f"| {f.incident} | {f.step} | `{f.layer}` | {f.signal} | {f.kind} | {f.value:.4g} | "
+                     f"{f.threshold:.4g} |")
+    lines += ["", "## Details", ""] + [f"- step {f.step}: {f.message}" for f in findings]
     return "\n".join(lines) + "\n"

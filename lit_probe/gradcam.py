@@ -22,6 +22,7 @@ frozen), the forward is run once more on a copy of ``images`` that requires grad
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -33,7 +34,7 @@ from torch import nn
 from .errors import ProbeSelectionError
 from .selection import resolve
 
-__all__ = ["gradcam", "overlay"]
+__all__ = ["gradcam", "overlay", "gradcam_overlays"]
 
 _EPS = 1e-7  # pytorch_grad_cam.utils.image.scale_cam_image
 
@@ -171,3 +172,51 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = 
         raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
     heat = matplotlib.colormaps[cmap](np.clip(cam, 0.0, 1.0))[..., :3].astype(np.float32)
     return np.clip((1.0 - alpha) * np.clip(image, 0.0, 1.0) + alpha * heat, 0.0, 1.0).astype(np.float32)
+
+
+def gradcam_overlays(model: nn.Module, layers: Sequence[str], images: torch.Tensor
+                     ) -> list[tuple[str, np.ndarray, list[str]]]:
+    """Grad-CAM of the predicted class at each of ``layers``, overlaid on ``images``, for figures.
+
+    The model's modules are put in eval mode for the extra pass (no BatchNorm update, no dropout) and their
+    modes restored exactly; the RNG state is restored too, and nothing accumulates into ``.grad``.
+
+    Returns:
+        ``(layer, overlays [n, H, W, 3] in [0, 1], labels)`` per layer; labels read ``"sample i · class k"``.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    devices = [images.device] if images.device.type == "cuda" else []
+    out = []
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=devices):
+            shown = images.detach().float()
+            lo = shown.amin(dim=(1, 2, 3), keepdim=True)
+            hi = shown.amax(dim=(1, 2, 3), keepdim=True)
+            shown = ((shown - lo) / (hi - lo).clamp_min(1e-12)).permute(0, 2, 3, 1).cpu().numpy()
+            if shown.shape[-1] == 1:
+                shown = np.repeat(shown, 3, axis=-1)
+            with torch.no_grad():
+                logits = model(images)
+            classes = logits.argmax(dim=-1).tolist() if isinstance(logits, torch.Tensor) else []
+            for name in layers:
+                cams = gradcam(model, name, images).detach().cpu().numpy()
+                ov = np.stack([overlay(shown[i, :, :, :3], cams[i]) for i in range(len(cams))])
+                out.append((name, ov, [f"sample {i} \u00b7 class {classes[i]}" if i < len(classes) else f"sample {i}"
+                                      for i in range(len(ov))]))
+    finally:
+        for m, training in modes:
+            m.training = training
+    return out
+
+
+class _CallableModule(type(sys.modules[__name__])):  # type: ignore[misc]
+    """``lit_probe.gradcam`` is both this module and its main function: importing the module (``from
+    lit_probe.gradcam import overlay``) rebinds the package attribute to the module, so the module is callable
+    and calls :func:`gradcam`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return gradcam(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

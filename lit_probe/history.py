@@ -8,8 +8,6 @@ per (layer, signal), kept in a bounded ring so memory stays flat however long tr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import numpy as np
 
 from .stats import COLUMNS, HostRows
@@ -88,60 +86,69 @@ def nonfinite_flags(d: Derived) -> np.ndarray:
 
 
 class History:
-    """Bounded per-step history of every (layer, signal) stream.
+    """Bounded per-step history of every stream, and the latest measured value of each statistic.
+
+    :meth:`append` keeps :meth:`latest` up to date as rows arrive, so a log step costs O(streams), whatever
+    ``capacity`` is and however long training has run; only :meth:`window` (figure steps, the flight
+    recorder) reads the ring.
 
     Args:
-        names: one name per slot (for messages and keys).
+        names: one name per slot (a list the owner may extend as new streams appear).
         capacity: steps kept on the host; older steps are dropped (bounded memory).
-        reduce: optional callable applied to the packed host array before anything else (cross-rank
-            reduction, entered by every rank at the same steps).
     """
 
-    def __init__(self, names: Sequence[str], capacity: int = 1000,
-                 reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        self.names = list(names)
+    def __init__(self, names: list[str], capacity: int = 1000) -> None:
+        self.names = names
         self.capacity = max(1, int(capacity))
-        self.reduce = reduce
-        slots = len(self.names)
+        self._slots = 0
         self._steps = np.full(self.capacity, -1, dtype=np.int64)
-        self._values = np.full((self.capacity, slots, len(STATS)), np.nan, dtype=np.float32)
+        self._values = np.full((self.capacity, 0, len(STATS)), np.nan, dtype=np.float32)
+        self._latest = np.full((0, len(STATS)), np.nan)
         self._n = 0  # total rows appended
+        self._ensure(len(names))
+
+    def _ensure(self, slots: int) -> None:
+        if slots <= self._slots:
+            return
+        grow = slots - self._slots
+        self._values = np.concatenate(
+            [self._values, np.full((self.capacity, grow, len(STATS)), np.nan, dtype=np.float32)], axis=1)
+        self._latest = np.concatenate([self._latest, np.full((grow, len(STATS)), np.nan)], axis=0)
+        self._slots = slots
 
     def append(self, d: Derived) -> None:
-        for i in range(len(d)):
+        n, slots = d.values.shape[:2]
+        self._ensure(slots)
+        for i in range(n):
             k = self._n % self.capacity
             self._steps[k] = d.steps[i]
-            self._values[k] = d.values[i]
+            self._values[k, :slots] = d.values[i]
+            self._values[k, slots:] = np.nan
+            known = ~np.isnan(d.values[i])
+            self._latest[:slots][known] = d.values[i][known]
             self._n += 1
 
     def __len__(self) -> int:
         return min(self._n, self.capacity)
 
     def window(self, last: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The kept steps (oldest first) and their values ``[n, slots, len(STATS)]``."""
+        """The kept steps (oldest first) and their values ``[n, slots, len(STATS)]`` (copies)."""
         n = len(self)
         if last is not None:
             n = min(n, last)
-        idx = [(self._n - n + i) % self.capacity for i in range(n)]
-        return self._steps[idx].copy(), self._values[idx].copy()
+        idx = (np.arange(self._n - n, self._n)) % self.capacity
+        return self._steps[idx], self._values[idx]
 
-    def series(self, slot: int, stat: str, last: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        steps, values = self.window(last)
-        return steps, values[:, slot, _I[stat]]
-
-    def latest(self, slot: int, stat: str) -> float:
-        """The most recent measured value of ``stat`` for ``slot`` (NaN if none)."""
-        steps, vals = self.series(slot, stat)
-        ok = ~np.isnan(vals)
-        return float(vals[ok][-1]) if ok.any() else float("nan")
+    def latest(self, stat: str) -> np.ndarray:
+        """The most recent measured value of ``stat`` for every slot (NaN where never measured); O(slots)."""
+        return self._latest[:, _I[stat]]
 
     def to_csv(self, last: int | None = None) -> str:
-        """The kept history as CSV (the flight recorder): step, layer, signal stats..."""
+        """The kept history as CSV (the flight recorder): step, stream, statistics."""
         steps, values = self.window(last)
-        head = "step,stream," + ",".join(STATS)
-        lines = [head]
+        lines = ["step,stream," + ",".join(STATS)]
         for i, s in enumerate(steps):
-            for j, name in enumerate(self.names):
+            for j, name in enumerate(self.names[:values.shape[1]]):
                 row = values[i, j]
                 if np.isnan(row[0]) or row[0] == 0:
                     continue

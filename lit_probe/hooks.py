@@ -26,14 +26,23 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-if TYPE_CHECKING:
-    from .session import ProbeSession
+
+class Observer(Protocol):
+    """What the hooks report to (a :class:`~lit_probe.session.ProbeSession`): hooks sit below the session."""
+
+    collecting: bool
+
+    def _on_output(self, index: int, output: Any) -> None: ...
+
+    def _on_grad(self, slot: int, grad: torch.Tensor) -> None: ...
+
+    def _hook_failed(self, index: int, where: str, err: BaseException) -> None: ...
 
 __all__ = ["HookRegistry", "iter_tensors", "hook_snapshot"]
 
@@ -76,7 +85,7 @@ class _NoopHook:
 
 
 class _ForwardHook:
-    def __init__(self, session: "ProbeSession", index: int) -> None:
+    def __init__(self, session: Observer, index: int) -> None:
         self.session = session
         self.index = index
         self.failed = False
@@ -99,7 +108,7 @@ class _ForwardHook:
 class _GradHook:
     __slots__ = ("session", "index")
 
-    def __init__(self, session: "ProbeSession", index: int) -> None:
+    def __init__(self, session: Observer, index: int) -> None:
         self.session = session
         self.index = index
 
@@ -124,7 +133,7 @@ class HookRegistry:
         self.handles: list[RemovableHandle] = []
         self.forward_hooks: list[_ForwardHook] = []
 
-    def attach(self, session: "ProbeSession", modules: list[tuple[str, nn.Module]]) -> None:
+    def attach(self, session: Observer, modules: list[tuple[str, nn.Module]]) -> None:
         """Register a forward hook on every module; on any failure, remove what was registered."""
         if self.handles:
             return  # idempotent: attached already
@@ -148,7 +157,7 @@ class HookRegistry:
     def attached(self) -> bool:
         return bool(self.handles)
 
-    def grad_hook(self, session: "ProbeSession", index: int) -> _GradHook:
+    def grad_hook(self, session: Observer, index: int) -> _GradHook:
         return _GradHook(session, index)
 
 

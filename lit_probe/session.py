@@ -16,52 +16,27 @@ callback drives it; it also works on a bare ``nn.Module``::
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .diagnose import Diagnoser, Thresholds
+from .diagnose import Diagnosis, Thresholds, diagnose
 from .findings import Finding
 from .history import History, derive
 from .hooks import HookRegistry, iter_tensors, warn_once
 from .selection import resolve
-from .stats import StatBuffer, channel_dim_for
+from .stats import StatBuffer, merge_ranks, pack_rows
+from .vocab import ACTIVATION, GRADIENT, MAX_CALLS, is_relu_like, stream_name, unit_dim, unit_layouts
 
-__all__ = ["ProbeSession", "SIGNAL_ACT", "SIGNAL_GRAD"]
+__all__ = ["ProbeSession", "LayerSnapshot", "Timeline", "SIGNAL_ACT", "SIGNAL_GRAD"]
 
-SIGNAL_ACT = "activation"
-SIGNAL_GRAD = "gradient"
-_CONV_WORDS = ("Conv", "BatchNorm", "InstanceNorm", "GroupNorm", "Pool", "Upsample", "PixelShuffle",
-               "Dropout2d", "Dropout3d", "Dropout1d", "ReflectionPad", "ReplicationPad", "ZeroPad", "ConstantPad")
-_LINEAR_WORDS = ("Linear", "LayerNorm", "Embedding", "MultiheadAttention", "RMSNorm", "Bilinear", "LSTM", "GRU",
-                 "RNN", "Transformer")
-_NEVER_POSITIVE = ("LogSoftmax", "LogSigmoid")
-
-
-def _conv_like(module: nn.Module) -> bool:
-    """Whether a 3-D output of ``module`` is [N, C, L] (conv-like) rather than [N, T, F] (sequence)."""
-    last = None
-    for m in module.modules():
-        name = type(m).__name__
-        if any(w in name for w in _CONV_WORDS):
-            last = True
-        elif any(w in name for w in _LINEAR_WORDS):
-            last = False
-    return bool(last)
-
-
-_AFFINE_WORDS = ("Linear", "Conv", "BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "Embedding",
-                 "Bilinear")
-
-
-def _is_affine(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return not list(module.children()) and any(w in name for w in _AFFINE_WORDS)
+SIGNAL_ACT = ACTIVATION
+SIGNAL_GRAD = GRADIENT
 
 
 def _in_backward() -> bool:
@@ -72,8 +47,37 @@ def _in_backward() -> bool:
         return False
 
 
+@dataclass
+class LayerSnapshot:
+    """What the figures of one stream need at one step: small CPU copies, no tensor references."""
+
+    name: str
+    step: int
+    activation: np.ndarray | None
+    gradient: np.ndarray | None
+    dead: np.ndarray | None
+    layout: str
+    shape: tuple[int, ...] | None
+
+
+@dataclass
+class Timeline:
+    """The health timeline's data: one row per stream, one column per fully measured step."""
+
+    names: list[str]
+    steps: np.ndarray
+    act_rms: np.ndarray
+    grad_rms: np.ndarray
+    dead: np.ndarray
+    marks: list[tuple[str, int, str, str]]  # (stream, step, kind, signal)
+
+
 class ProbeSession:
     """Hooks, device statistics, history and detectors for one run over resolved modules.
+
+    The unit of measurement is a *stream*: one call of one module, one signal. A module called twice in a
+    step (torchvision's ``BasicBlock.relu``) gives the streams ``layer1.0.relu`` and ``layer1.0.relu#1``,
+    each with its own statistics, dead-unit window and place in execution order (:mod:`lit_probe.vocab`).
 
     Args:
         modules: ``(name, module)`` pairs to probe (see :func:`lit_probe.selection.resolve`).
@@ -84,14 +88,18 @@ class ProbeSession:
         thresholds: detector thresholds (a :class:`Thresholds` or a dict of overrides).
         history_size: steps of statistics kept on the host.
         ring_rows: steps the device ring holds between two :meth:`flush` calls.
-        reduce: optional cross-rank reduction of the packed host statistics (see :class:`History`).
+        gather: for several processes: takes this rank's packed statistics (a 1-D float64 array) and returns
+            every rank's, in rank order; entered by every rank at the same steps. ``None``: one process.
+        root: the model the names are relative to (improves which dimension holds the units of
+            element-wise layers: see :func:`lit_probe.vocab.unit_layouts`).
+        max_calls: calls of one module per step with a stream of their own (later calls merge into the last).
     """
 
     def __init__(self, modules: Sequence[tuple[str, nn.Module]], *,
                  signals: Sequence[str] = (SIGNAL_ACT, SIGNAL_GRAD), every_n_steps: int = 1,
                  thresholds: Thresholds | Mapping[str, float] | None = None, history_size: int = 1000,
-                 ring_rows: int = 64, reduce: Callable[..., Any] | None = None,
-                 full_warmup_steps: int = 10) -> None:
+                 ring_rows: int = 64, gather: Callable[[np.ndarray], list[np.ndarray]] | None = None,
+                 full_warmup_steps: int = 10, root: nn.Module | None = None, max_calls: int = MAX_CALLS) -> None:
         self.names = [n for n, _ in modules]
         self.modules = [m for _, m in modules]
         self.signals = tuple(signals)
@@ -100,36 +108,68 @@ class ProbeSession:
         self.thresholds = thresholds if isinstance(thresholds, Thresholds) else Thresholds.from_dict(thresholds)
         self.want_act = SIGNAL_ACT in self.signals
         self.want_grad = SIGNAL_GRAD in self.signals
+        self.max_calls = max(1, int(max_calls))
         n = len(self.names)
-        # slot 2i: activation of layer i, slot 2i+1: its gradient
-        self.slot_names = [self.names[i // 2] for i in range(2 * n)]
-        self.slot_signals = [SIGNAL_ACT if i % 2 == 0 else SIGNAL_GRAD for i in range(2 * n)]
-        self._conv_like = [_conv_like(m) for m in self.modules]
-        dead_slots = [2 * i for i, m in enumerate(self.modules) if type(m).__name__ not in _NEVER_POSITIVE]
-        # affine / normalisation outputs are pre-activations: "never positive" means dead only for the ReLU
-        # that may follow, so they are reported only when (nearly) every unit is
-        affine_slots = [2 * i for i, m in enumerate(self.modules) if _is_affine(m)]
+        self.layouts = unit_layouts(root, self.names, self.modules)
+        self._relu_like = [is_relu_like(m) for m in self.modules]
+        # streams: slot -> (module index, call, signal); call 0 of every module is made up front, in module order
+        self.slot_names: list[str] = []
+        self.slot_signals: list[str] = []
+        self.slot_module: list[int] = []
+        self.slot_call: list[int] = []
+        self.dead_judged: list[bool] = []
+        self._slots: dict[tuple[int, int, str], int] = {}
         self.buffer = StatBuffer(2 * n, ring_rows)
-        self.history = History([f"{self.slot_names[s]}:{self.slot_signals[s]}" for s in range(2 * n)], history_size)
-        self.diagnoser = Diagnoser(self.slot_names, self.slot_signals, self.thresholds, dead_slots, affine_slots)
-        self.reduce = reduce
+        self.history = History(self.slot_names, history_size)
+        for i in range(n):
+            for signal in (SIGNAL_ACT, SIGNAL_GRAD):
+                self._slot(i, 0, signal)
+        self.diagnosis = Diagnosis()
+        self.gather = gather
         self.registry = HookRegistry()
         self.collecting = False
         self.full = True
         self.step = -1
         self.findings: list[Finding] = []
-        self.fired = np.zeros(n, dtype=bool)  # layers whose forward hook ran at least once while collecting
-        self.capture: dict[tuple[int, str], Any] | None = None  # figure snapshots, set by the owner
-        self.capture_fn: Callable[[int, torch.Tensor], Any] | None = None
+        self.fired = np.zeros(n, dtype=bool)  # modules whose forward hook ran at least once while collecting
+        self.units: dict[int, np.ndarray] = {}  # per-unit last-fired steps at the last flush
+        self.capture: dict[int, tuple[np.ndarray | None, tuple[int, ...]]] | None = None
+        self.capture_samples = 1
+        self.capture_channels = 64
+        self._dead_log: dict[int, list[tuple[int, float]]] = {}
+        self._calls = np.zeros(n, dtype=np.int64)  # calls of each module in the current batch
+        self._recalls = np.zeros(n, dtype=np.int64)  # ... and in its recomputation (activation checkpointing)
         self._grad_hooks_this_step = np.zeros(n, dtype=np.int64)
         self._warned: set = set()
+        self._peeked: Any = None
         self.disabled: set[int] = set()
+
+    def _slot(self, i: int, call: int, signal: str) -> int:
+        key = (i, call, signal)
+        slot = self._slots.get(key)
+        if slot is None:  # a new stream (first steps only): its slot, and room on the device
+            slot = len(self.slot_names)
+            self._slots[key] = slot
+            self.slot_names.append(stream_name(self.names[i], call))
+            self.slot_signals.append(signal)
+            self.slot_module.append(i)
+            self.slot_call.append(call)
+            self.dead_judged.append(signal == SIGNAL_ACT and self._relu_like[i])
+            self.buffer.ensure_slots(slot + 1)
+        return slot
+
+    def slot_of(self, stream: str, signal: str) -> int:
+        """The slot of a stream (``"layer1.0.relu#1"``) and signal; ``KeyError`` if it never appeared."""
+        for slot, (name, sig) in enumerate(zip(self.slot_names, self.slot_signals)):
+            if name == stream and sig == signal:
+                return slot
+        raise KeyError(f"no {signal} stream {stream!r}; streams: {sorted(set(self.slot_names))[:20]}")
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def from_model(cls, model: nn.Module, probes: Sequence[str], **kwargs: Any) -> "ProbeSession":
         """Resolve ``probes`` against ``model`` and build a session (not yet open)."""
-        return cls(resolve(model, probes), **kwargs)
+        return cls(resolve(model, probes), root=model, **kwargs)
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> "ProbeSession":
@@ -147,7 +187,6 @@ class ProbeSession:
         """Close and drop every reference to the model and to device memory; the history stays."""
         self.close()
         self.modules = []
-        self.capture_fn = None
         self.buffer.release()
 
     @property
@@ -165,7 +204,10 @@ class ProbeSession:
 
     # ------------------------------------------------------------------ step control
     def begin_step(self, step: int, full: bool | None = None) -> None:
-        """Collect statistics for training step ``step`` until :meth:`end_step`."""
+        """Collect statistics for training step ``step`` until :meth:`end_step` (called once per batch:
+        with gradient accumulation, several batches share one step and one row)."""
+        self._calls[:] = 0
+        self._recalls[:] = 0
         if step != self.step:
             self._grad_hooks_this_step[:] = 0
             if self.buffer.pending >= self.buffer.rows:
@@ -177,8 +219,14 @@ class ProbeSession:
         self.buffer.begin_step(self.step)
         self.collecting = True
 
+    def new_batch(self) -> None:
+        """A new forward pass within the current step (validation batches): calls are numbered from 0 again."""
+        self._calls[:] = 0
+        self._recalls[:] = 0
+
     def end_step(self) -> None:
         self.collecting = False
+        self.buffer.commit()
 
     def record_scale(self, scale: Any, end: bool) -> None:
         """The GradScaler scale in force (start of step) or after its update (end of step)."""
@@ -187,6 +235,27 @@ class ProbeSession:
                 self.buffer._alloc(scale.device)  # no hook has observed yet (first step): keep the scale
             self.buffer.record_scale(scale, end)
 
+    def sentinel_alarm(self, bound: float) -> bool:
+        """Every step under ``on_finding="raise"/"stop"``: whether a step showed a non-finite value or an
+        absolute value beyond ``bound``, without a blocking read. On CUDA the current step's min/max are copied
+        without waiting and the previous step's copy is checked (the alarm comes one step later, the finding's
+        step stays exact); on CPU the copy costs nothing to wait for and the current step is checked."""
+        alarm = False
+        if self._peeked is not None:
+            alarm = self.buffer.alarm(self._peeked, bound)
+            self._peeked = None
+        peeked = self.buffer.peek()
+        if peeked is not None and peeked[2] is None:  # no device pipeline to keep busy: check it now
+            return alarm or self.buffer.alarm(peeked, bound)
+        self._peeked = peeked
+        return alarm
+
+    def request_snapshots(self, samples: int = 1, channels: int = 64) -> None:
+        """Copy what the figures need (a few samples and channels per stream) during the current step."""
+        self.capture = {}
+        self.capture_samples = max(1, int(samples))
+        self.capture_channels = max(1, int(channels))
+
     # ------------------------------------------------------------------ hot path (called by hooks)
     @torch.compiler.disable  # under torch.compile: run eagerly, never traced (no recompiles of probe code)
     def _on_output(self, i: int, output: Any) -> None:
@@ -194,31 +263,45 @@ class ProbeSession:
             return
         self.fired[i] = True
         recompute = _in_backward()  # activation checkpointing re-runs forward inside backward
+        # a recomputed forward (checkpointing) re-runs the calls in their order: its k-th call is the k-th call
+        counter = self._recalls if recompute else self._calls
+        call = min(int(counter[i]), self.max_calls - 1)
+        counter[i] += 1
         first = True
+        act = self._slot(i, call, SIGNAL_ACT) if self.want_act else -1
         for t in iter_tensors(output):
             if self.want_act and not recompute:
-                cdim = channel_dim_for(t.dim(), self._conv_like[i]) if first else None
-                self.buffer.observe(2 * i, t.detach(), self.full, cdim)
-                if self.capture is not None and first and (i, SIGNAL_ACT) not in self.capture:
-                    self.capture[(i, SIGNAL_ACT)] = self.capture_fn(i, t) if self.capture_fn else None
+                cdim = unit_dim(self.layouts[i], t.dim()) if first else None
+                self.buffer.observe(act, t.detach(), self.full, cdim)
+                if self.capture is not None and first and act not in self.capture:
+                    self._capture(act, i, t)
             if self.want_grad and t.requires_grad and torch.is_grad_enabled():
                 if recompute and self._grad_hooks_this_step[i] > 0:
                     pass  # the original forward's output already carries our hook
                 else:
-                    t.register_hook(self.registry.grad_hook(self, i))
+                    t.register_hook(self.registry.grad_hook(self, self._slot(i, call, SIGNAL_GRAD)))
                     if not recompute:
                         self._grad_hooks_this_step[i] += 1
             first = False
 
     @torch.compiler.disable
-    def _on_grad(self, i: int, grad: torch.Tensor) -> None:
+    def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
+        i = self.slot_module[slot]
         if i in self.disabled or grad is None:
             return
-        self.buffer.observe(2 * i + 1, grad.detach(), self.full, None)
-        if self.capture is not None and (i, SIGNAL_GRAD) not in self.capture:
-            self.capture[(i, SIGNAL_GRAD)] = self.capture_fn(i, grad) if self.capture_fn else None
+        self.buffer.observe(slot, grad.detach(), self.full, None)
+        if self.capture is not None and slot not in self.capture:
+            self._capture(slot, i, grad)
 
-    def _hook_failed(self, i: int, where: str, err: BaseException) -> None:
+    def _capture(self, slot: int, i: int, t: torch.Tensor) -> None:
+        from .snapshots import snapshot_tensor
+
+        assert self.capture is not None
+        self.capture[slot] = (snapshot_tensor(t, self.capture_samples, self.capture_channels,
+                                              layout=self.layouts[i]), tuple(t.shape))
+
+    def _hook_failed(self, index: int, where: str, err: BaseException) -> None:
+        i = index if where == "forward" else self.slot_module[index]
         self.disabled.add(i)
         warn_once(self._warned, ("hook", i), f"lit_probe: probing `{self.names[i]}` failed in its {where} hook "
                   f"({type(err).__name__}: {err}); this layer is no longer probed, training continues.",
@@ -232,52 +315,123 @@ class ProbeSession:
             the new findings (also appended to :attr:`findings`).
         """
         host, units = self.buffer.read()
-        if self.reduce is not None:
-            host, units = self.reduce(host, units)
+        host = host.first_slots(len(self.slot_names))
+        if self.gather is not None:
+            host, units = merge_ranks(self.gather(pack_rows(host, units)))
         if len(host.steps) == 0:
             return []
-        grad_slots = np.array([s == SIGNAL_GRAD for s in self.slot_signals])
-        unit_slots = np.array([s == SIGNAL_ACT for s in self.slot_signals])
-        d = derive(host, grad_slots, unit_slots)
+        grad_slots = np.array([s == SIGNAL_GRAD for s in self.slot_signals[:host.calls.shape[1]]], dtype=bool)
+        d = derive(host, grad_slots, ~grad_slots)
         self.history.append(d)
-        new = self.diagnoser.update(d, units, self.buffer.first_seen)
+        self.diagnosis, new = diagnose(self.diagnosis, d, units, self.buffer.first_seen, self.slot_names,
+                                       self.slot_signals, self.dead_judged, self.thresholds)
         self.findings.extend(new)
-        self._last_units = units
+        self.units = units
+        step = int(host.steps[-1])
+        for slot, frac in self.diagnosis.dead_latest.items():
+            self._dead_log.setdefault(slot, []).append((step, frac))
         return new
 
     def dead_fractions(self) -> dict[str, float]:
-        """Latest dead fraction per layer (layers judged for dead units, at the last flush)."""
-        return {self.slot_names[s]: v for s, v in self.diagnoser.dead_fraction_latest.items()}
+        """Latest dead fraction per stream judged for dead units (once its window has been seen)."""
+        return {self.slot_names[s]: v for s, v in self.diagnosis.dead_latest.items()}
 
     def latest_scalars(self) -> dict[str, float]:
-        """The most recent measured value of each headline statistic, keyed ``<layer>/<stat>``."""
+        """The most recent measured value of each logged statistic, keyed ``<stream>/<prefix>_<stat>``.
+
+        O(streams): reads the history's running latest values, never the ring."""
+        from .vocab import LOGGED_STATS, metric_key
+
         out: dict[str, float] = {}
-        for s in range(len(self.slot_names)):
-            prefix = "act" if self.slot_signals[s] == SIGNAL_ACT else "grad"
-            if (prefix == "act" and not self.want_act) or (prefix == "grad" and not self.want_grad):
+        for signal in (SIGNAL_ACT, SIGNAL_GRAD):
+            if signal not in self.signals:
                 continue
-            for stat in ("rms", "mean", "absmax", "zero_fraction", "nonfinite"):
-                if prefix == "grad" and stat == "zero_fraction":
-                    continue
-                v = self.history.latest(s, stat)
-                if not math.isnan(v):
-                    out[f"{self.slot_names[s]}/{prefix}_{stat}"] = v
+            for stat in LOGGED_STATS[signal]:
+                values = self.history.latest(stat)
+                for s in np.flatnonzero(~np.isnan(values)):
+                    if self.slot_signals[s] == signal:
+                        out[metric_key(self.slot_names[s], signal, stat)] = float(values[s])
         for name, v in self.dead_fractions().items():
             out[f"{name}/dead_fraction"] = v
         return out
+
+    def take_snapshots(self) -> list[LayerSnapshot]:
+        """The figure inputs copied during this step (see :meth:`request_snapshots`), one per stream pair."""
+        capture, self.capture = self.capture, None
+        if not capture:
+            return []
+        dead = self.dead_masks()
+        out = []
+        for (i, call, signal), slot in sorted(self._slots.items(), key=lambda kv: kv[1]):
+            if signal != SIGNAL_ACT:
+                continue
+            act = capture.get(slot)
+            grad = capture.get(self._slots.get((i, call, SIGNAL_GRAD), -1))
+            if act is None and grad is None:
+                continue
+            shape = (act or grad)[1]  # type: ignore[index]
+            out.append(LayerSnapshot(self.slot_names[slot], self.step, act[0] if act else None,
+                                     grad[0] if grad else None, dead.get(slot), self.layouts[i], shape))
+        return out
+
+    def dead_masks(self) -> dict[int, np.ndarray]:
+        """Per judged activation stream, which units are dead at the last flush (boolean per unit)."""
+        W = self.thresholds.dead_window
+        out = {}
+        for slot, last in self.units.items():
+            if slot < len(self.dead_judged) and self.dead_judged[slot]:
+                fs = self.buffer.first_seen.get(slot, self.step)
+                out[slot] = (np.maximum(last, fs) + W) <= self.step
+        return out
+
+    def timeline(self) -> Timeline | None:
+        """The health timeline over the kept history (fully measured steps only); ``None`` before any."""
+        from .history import STATS
+
+        if len(self.history) == 0:
+            return None
+        steps, values = self.history.window()
+        full = values[:, :, STATS.index("full")]
+        keep = np.nanmax(np.where(np.isnan(full), 0, full), axis=1) == 1 if full.size else np.zeros(0, bool)
+        if not keep.any():
+            return None
+        steps, values = steps[keep], values[keep]
+        rms = values[:, :, STATS.index("rms")]
+        pairs = [(slot, self._slots.get((i, call, SIGNAL_GRAD)))
+                 for (i, call, signal), slot in sorted(self._slots.items(), key=lambda kv: kv[1])
+                 if signal == SIGNAL_ACT and (self.fired[i] or not len(self.modules))]
+        names = [self.slot_names[a] for a, _ in pairs]
+        width = rms.shape[1]
+
+        def col(slot: int | None) -> np.ndarray:
+            return rms[:, slot] if slot is not None and slot < width else np.full(len(steps), np.nan)
+
+        act = np.array([col(a) for a, _ in pairs]).reshape(len(pairs), len(steps))
+        grad = np.array([col(g) for _, g in pairs]).reshape(len(pairs), len(steps))
+        dead = np.full((len(pairs), len(steps)), np.nan)
+        for row, (a, _) in enumerate(pairs):
+            for st, frac in self._dead_log.get(a, []):
+                dead[row, steps >= st] = frac
+        marks = [(f.layer, f.step, f.kind, f.signal) for f in self.findings]
+        return Timeline(names, steps, act, grad, dead, marks)
 
     def never_fired(self) -> list[str]:
         """Probed layers whose forward hook never ran while collecting (bypassed, compiled away, unused)."""
         return [n for n, f in zip(self.names, self.fired) if not f]
 
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer.state_dict(), "diagnoser": self.diagnoser.state_dict(),
-                "names": list(self.names)}
+        return {"buffer": self.buffer.state_dict(), "diagnosis": self.diagnosis.state_dict(),
+                "names": list(self.names), "streams": [list(k) + [v] for k, v in self._slots.items()]}
 
     def load_state_dict(self, state: Mapping) -> None:
         if list(state.get("names", [])) != self.names:
             warnings.warn("lit_probe: the checkpoint's probe state is for other layers; starting fresh windows.",
                           UserWarning, stacklevel=2)
             return
+        for i, call, signal, slot in state.get("streams", []):  # the same slots as before the checkpoint
+            while len(self.slot_names) < int(slot):
+                self._slot(int(i), len(self.slot_names) + self.max_calls, "_")  # placeholder, never observed
+            if (int(i), int(call), str(signal)) not in self._slots:
+                self._slot(int(i), int(call), str(signal))
         self.buffer.load_state_dict(state.get("buffer", {}))
-        self.diagnoser.load_state_dict(state.get("diagnoser", {}))
+        self.diagnosis = Diagnosis.from_state(state.get("diagnosis", {}))

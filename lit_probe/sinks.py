@@ -163,6 +163,8 @@ class DiskSink:
         self.written = 0
         self._escaped: set[str] = set()
         self._lock = threading.Lock()
+        self._current: dict[tuple[str, str], tuple[int, Path]] = {}  # (layer, figure) -> (step, file)
+        self._kept_before: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -214,6 +216,7 @@ class DiskSink:
                 parent.mkdir(exist_ok=True)
                 target = parent / path.name
                 atomic_write_bytes(target, png)
+                self._current[(layer, figure)] = (int(step), target)
                 self.written += 1
                 if self.mode == "versioned" and self.max_versions is not None:
                     self._prune(parent, safe_name(figure))
@@ -221,6 +224,30 @@ class DiskSink:
             except OSError as exc:
                 self._disable(exc)
                 return None
+
+    def keep_before(self, layer: str, step: int) -> list[Path]:
+        """Keep the layer's figures drawn before ``step`` as ``<figure>_before.png`` (once per layer): the last
+        readable picture before a non-finite or exploding finding, which later figures would overwrite.
+
+        Returns:
+            the files written (none when the layer has no figure from before ``step``, or kept one already).
+        """
+        out: list[Path] = []
+        if self.disabled or layer in self._kept_before:
+            return out
+        with self._lock:
+            for (lay, fig), (st, path) in list(self._current.items()):
+                if lay != layer or st >= step or fig.endswith("_before"):
+                    continue
+                try:
+                    dest = path.with_name(f"{safe_name(fig)}_before.png")
+                    atomic_write_bytes(dest, path.read_bytes())
+                    out.append(dest)
+                except OSError:
+                    continue
+            if out:
+                self._kept_before.add(layer)
+        return out
 
     def _warn_escape(self, layer: str, parent: Path) -> None:
         if layer in self._escaped:

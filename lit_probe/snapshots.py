@@ -10,8 +10,8 @@ Layouts (which dimension holds the channels):
 * ``"channels_first"`` -- conv-like ``[N, C, ...]``: samples on dim 0, channels on dim 1.
 * ``"channels_last"`` -- ``[N, F]`` or sequence ``[N, T, F]``: features on the last dim.
 * ``"auto"`` -- 2-D: ``channels_last``; >= 3-D: ``channels_first``. A 3-D tensor is ambiguous
-  (``[N, C, L]`` from ``Conv1d`` vs ``[N, T, F]`` from a transformer); pass the layout from
-  :func:`layout_for_module` when the module is known.
+  (``[N, C, L]`` from ``Conv1d`` vs ``[N, T, F]`` from a transformer); pass the layout the session
+  derived with :func:`lit_probe.vocab.unit_layouts` (the same one its statistics use).
 
 Imports torch and numpy only.
 """
@@ -22,62 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from .vocab import layout_for_module
 
 __all__ = ["LAYOUTS", "layout_for_module", "snapshot_tensor"]
 
 LAYOUTS = ("auto", "channels_first", "channels_last")
-
-_CHANNELS_FIRST_TYPES: tuple[type, ...] = (
-    nn.modules.conv._ConvNd,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.Upsample,
-    nn.PixelShuffle,
-)
-_CHANNELS_LAST_TYPES: tuple[type, ...] = (
-    nn.Linear,
-    nn.Bilinear,
-    nn.LayerNorm,
-    nn.Embedding,
-    nn.EmbeddingBag,
-    nn.MultiheadAttention,
-    nn.TransformerEncoderLayer,
-    nn.TransformerDecoderLayer,
-    nn.TransformerEncoder,
-    nn.TransformerDecoder,
-    nn.RNNBase,
-)
-if hasattr(nn, "RMSNorm"):  # torch >= 2.4
-    _CHANNELS_LAST_TYPES = _CHANNELS_LAST_TYPES + (nn.RMSNorm,)
-
-
-def layout_for_module(module: Any) -> str:
-    """Guess which dimension of a module's output holds its channels.
-
-    Args:
-        module: the probed module (anything; non-modules give ``"auto"``).
-
-    Returns:
-        ``"channels_first"`` for convolutions, batch/instance/group norms, pooling, 2-D/3-D dropout and
-        upsampling; ``"channels_last"`` for linear, layer norm, embeddings, attention, transformer and RNN
-        layers; ``"auto"`` otherwise (element-wise activations, custom blocks), where :func:`snapshot_tensor`
-        falls back to its shape rule.
-    """
-    if isinstance(module, _CHANNELS_LAST_TYPES):
-        return "channels_last"
-    if isinstance(module, _CHANNELS_FIRST_TYPES):
-        return "channels_first"
-    return "auto"
-
 
 def snapshot_tensor(
     t: torch.Tensor, num_samples: int, max_channels: int, *, layout: str = "auto"

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["COLUMNS", "StatBuffer", "HostRows", "channel_dim_for"]
+__all__ = ["COLUMNS", "StatBuffer", "HostRows", "pack_rows", "merge_ranks"]
 
 COLUMNS = ("nonfinite", "nonzero", "sum", "l2", "min", "max")
 _NF, _NZ, _SUM, _L2, _MIN, _MAX = range(6)
@@ -76,6 +76,11 @@ class HostRows:
     counted: np.ndarray  # [n, slots] elements the counts (nonfinite, nonzero) were taken over
     scale: np.ndarray  # [n, 2] loss scale at step start / end (NaN when no scaler)
 
+    def first_slots(self, k: int) -> "HostRows":
+        """The rows restricted to slots ``[0, k)`` (the buffer keeps spare room for new streams)."""
+        return HostRows(self.steps, self.dev[:, :k], self.calls[:, :k], self.numel[:, :k], self.full[:, :k],
+                        [[s for s in o if s < k] for o in self.order], self.counted[:, :k], self.scale)
+
 
 class StatBuffer:
     """Ring buffer of per-step statistics for ``slots`` observed streams (layer x signal).
@@ -86,12 +91,11 @@ class StatBuffer:
     """
 
     def __init__(self, slots: int, rows: int) -> None:
-        self.slots = slots
+        self.slots = int(slots)
         self.rows = max(2, int(rows))
         self.device: torch.device | None = None
         self._buf: torch.Tensor | None = None
         self._scale: torch.Tensor | None = None
-        self._step_t: torch.Tensor | None = None
         self.calls = np.zeros((self.rows, slots), dtype=np.int64)
         self.numel = np.zeros((self.rows, slots), dtype=np.int64)
         self.full = np.zeros((self.rows, slots), dtype=np.int64)
@@ -105,13 +109,35 @@ class StatBuffer:
         self.row = 0
         self.step = -1
         self._pending: list[int] = []  # rows written since the last read, oldest first
+        self._sent_min: list[torch.Tensor] = []  # this step's 0-d minima / maxima, folded in by commit()
+        self._sent_max: list[torch.Tensor] = []
+        self._sent_slot: list[int] = []
         self._zero_pending = False
+
+    def ensure_slots(self, slots: int) -> None:
+        """Make room for ``slots`` streams (a new module call seen). Grows by half at least, so it happens a few
+        times in the first steps of a run, never per step."""
+        if slots <= self.slots:
+            return
+        new = max(slots, self.slots + self.slots // 2 + 8)
+        grow = new - self.slots
+        for name in ("calls", "numel", "full", "counted"):
+            arr = getattr(self, name)
+            setattr(self, name, np.concatenate([arr, np.zeros((self.rows, grow), dtype=arr.dtype)], axis=1))
+        if self._buf is not None:
+            with torch.inference_mode(False):
+                extra = torch.zeros((self.rows, grow, len(COLUMNS)), dtype=torch.float32, device=self.device)
+                extra[:, :, _MIN] = math.inf
+                extra[:, :, _MAX] = -math.inf
+                self._buf = torch.cat([self._buf, extra], dim=1)
+        self.slots = new
 
     # ------------------------------------------------------------------ step control (host only)
     def begin_step(self, step: int) -> None:
         """Start a new row for ``step`` (no-op if ``step`` is the current one, e.g. gradient accumulation)."""
         if step == self.step and self._pending:
             return
+        self.commit()  # the previous row's min/max, before the row changes
         if len(self._pending) >= self.rows:
             raise RuntimeError("StatBuffer overflow: read() must be called before the ring wraps")
         self.step = step
@@ -141,7 +167,6 @@ class StatBuffer:
         buf[r, :, _MIN].fill_(math.inf)
         buf[r, :, _MAX].fill_(-math.inf)
         self._scale[r].fill_(math.nan)  # type: ignore[index]
-        self._step_t.fill_(float(self.step))  # type: ignore[union-attr]
 
     def _alloc(self, device: torch.device) -> None:
         with torch.inference_mode(False):  # buffers made inside validation must stay usable in training
@@ -151,12 +176,56 @@ class StatBuffer:
         self.device = device
         self._buf = torch.zeros((self.rows, self.slots, len(COLUMNS)), dtype=torch.float32, device=device)
         self._scale = torch.full((self.rows, 2), math.nan, dtype=torch.float32, device=device)
-        self._step_t = torch.zeros((), dtype=torch.float32, device=device)
         self.last_fired = {s: t.to(device) for s, t in self.last_fired.items()}  # restored from a checkpoint
         if self._zero_pending:
             for r in self._pending:
                 self._reset_row(r)
             self._zero_pending = False
+
+    def commit(self) -> None:
+        """Fold the step's pending min/max values into the current row (a few kernels, no host sync)."""
+        if not self._sent_slot or self._buf is None:
+            self._sent_min, self._sent_max, self._sent_slot = [], [], []
+            return
+        k = len(self._sent_slot)
+        vals = torch.stack(self._sent_min + self._sent_max).to(torch.float32)
+        idx = torch.tensor(self._sent_slot, dtype=torch.int64).to(self.device, non_blocking=True)
+        row = self._buf[self.row]
+        row[:, _MIN].scatter_reduce_(0, idx, vals[:k], "amin")  # NaN propagates, as min/max do
+        row[:, _MAX].scatter_reduce_(0, idx, vals[k:], "amax")
+        self._sent_min, self._sent_max, self._sent_slot = [], [], []
+
+    def peek(self) -> tuple[int, torch.Tensor, object] | None:
+        """Start copying the current row's min/max to the host without waiting (``on_finding="raise"/"stop"``).
+
+        Returns:
+            ``(step, host copy [slots, 2], event)``: on CUDA a pinned, non-blocking copy and an event recorded
+            after it (check it a step later: :meth:`alarm`); elsewhere a plain copy (``event`` None).
+        """
+        if self._buf is None or not self._pending:
+            return None
+        self.commit()
+        mm = self._buf[self.row, :, _MIN:_MAX + 1]
+        if self.device is not None and self.device.type == "cuda":
+            host = torch.empty(mm.shape, dtype=mm.dtype, pin_memory=True)
+            host.copy_(mm, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return self.step, host, event
+        return self.step, mm.detach().to("cpu", copy=True), None
+
+    @staticmethod
+    def alarm(peeked: tuple[int, torch.Tensor, object], bound: float) -> bool:
+        """Whether a :meth:`peek` copy shows a non-finite value or one beyond ``bound`` (waits only for that
+        copy, issued a step earlier on CUDA)."""
+        _, host, event = peeked
+        if event is not None:
+            event.synchronize()  # type: ignore[attr-defined]
+        mm = host.numpy()
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(mm).all(axis=1) | (np.abs(mm).max(axis=1) > bound)
+        untouched = (mm[:, 0] == np.inf) & (mm[:, 1] == -np.inf)  # a slot nothing observed this step
+        return bool((bad & ~untouched).any())
 
     # ------------------------------------------------------------------ hot path
     def observe(self, slot: int, t: torch.Tensor, full: bool, channel_dim: int | None = None) -> None:
@@ -170,8 +239,6 @@ class StatBuffer:
         assert buf is not None
         if t.device != self.device:
             t = t.to(self.device, non_blocking=True)  # model-parallel: keep the one buffer
-        if t.dtype not in _FLOATS:
-            t = t.float()  # statistics in float32: fp16/bf16 sums overflow or lose precision
         if t.dim() == 0:
             t = t.reshape(1)
         first = self.calls[r, slot] == 0
@@ -179,33 +246,33 @@ class StatBuffer:
             self.order[r].append(slot)
         self.calls[r, slot] += 1
         self.numel[r, slot] += t.numel()
-        row = buf[r, slot]
-        if first:
-            torch.aminmax(t, out=(row[_MIN], row[_MAX]))
-        else:
-            mn, mx = torch.aminmax(t)
-            torch.minimum(row[_MIN], mn, out=row[_MIN])
-            torch.maximum(row[_MAX], mx, out=row[_MAX])
+        native = t.dtype in _FLOATS
+        # min/max are exact in the tensor's own dtype (bf16/fp16 are never copied to float32 in full); the 0-d
+        # results wait in a list and go into the ring in one scatter per step (commit): one kernel per tensor
+        mn, mx = torch.aminmax(t)
+        self._sent_min.append(mn)
+        self._sent_max.append(mx)
+        self._sent_slot.append(slot)
         if not full:
             return
         self.full[r, slot] += 1
-        dims = tuple(range(t.dim()))
+        row = buf[r, slot]
         n = t.numel()
         head = t if n <= COUNT_CAP or t.dim() < 2 else t[:max(1, -(-COUNT_CAP * t.shape[0] // n))]
         self.counted[r, slot] += head.numel()
-        hdims = tuple(range(head.dim()))
-        if first and self.full[r, slot] == 1:
-            torch.sum(head.mul(0).nan_to_num_(1.0), dim=hdims, out=row[_NF])  # 0 if finite, NaN*0/Inf*0 -> 1
-            if channel_dim is not None:
-                torch.sum(head.sign().abs_(), dim=hdims, out=row[_NZ])
-            torch.sum(t, dim=dims, out=row[_SUM])
-            torch.linalg.vector_norm(t, out=row[_L2])
+        # counts: x - x is 0 where finite and NaN where NaN/Inf, and count_nonzero counts NaN
+        row[_NF] += torch.count_nonzero(head - head)
+        if channel_dim is not None:
+            row[_NZ] += torch.count_nonzero(head)
+        acc = None if native else torch.float32  # sums accumulate in float32 without a float32 copy
+        if first:
+            torch.sum(t, dim=tuple(range(t.dim())), out=row[_SUM]) if acc is None else \
+                row[_SUM].copy_(t.sum(dtype=acc))
+            torch.linalg.vector_norm(t, dtype=acc, out=row[_L2]) if acc is None else \
+                row[_L2].copy_(torch.linalg.vector_norm(t, dtype=acc))
         else:
-            row[_NF] += head.mul(0).nan_to_num_(1.0).sum()
-            if channel_dim is not None:
-                row[_NZ] += head.sign().abs_().sum()
-            row[_SUM] += t.sum()
-            torch.hypot(row[_L2], torch.linalg.vector_norm(t), out=row[_L2])
+            row[_SUM] += t.sum(dtype=acc)
+            torch.hypot(row[_L2], torch.linalg.vector_norm(t, dtype=acc), out=row[_L2])
         if channel_dim is not None and slot not in self._bad_channels:
             self._track_units(slot, t, channel_dim)
 
@@ -228,8 +295,7 @@ class StatBuffer:
             self.last_fired.pop(slot, None)
             return
         # NaN is "not known", never "did not fire": a NaN step must not make every unit look dead later
-        fired = (per_unit > 0).logical_or_(per_unit.isnan())
-        torch.where(fired, self._step_t, last, out=last)  # type: ignore[arg-type]
+        last.masked_fill_(per_unit.le(0).logical_not_(), float(self.step))
 
     def record_scale(self, scale: torch.Tensor | float | None, end: bool) -> None:
         """Record the loss scale in force (GradScaler) for the current step (device copy, no sync)."""
@@ -241,8 +307,8 @@ class StatBuffer:
     # ------------------------------------------------------------------ cold path
     def read(self) -> tuple[HostRows, dict[int, np.ndarray]]:
         """Copy every row written since the last read, and the unit windows, to the host in ONE copy."""
+        self.commit()
         rows = list(self._pending)
-        # the current row stays open (gradient accumulation may add to it) only if the caller says so
         n = len(rows)
         slots = self.slots
         unit_slots = sorted(self.last_fired)
@@ -274,7 +340,8 @@ class StatBuffer:
 
     def release(self) -> None:
         """Drop the device buffers (after a run); a later step allocates them again."""
-        self._buf = self._scale = self._step_t = None
+        self._buf = self._scale = None
+        self._sent_min, self._sent_max, self._sent_slot = [], [], []
         self.device = None
         self.last_fired = {}
         self._pending = []
@@ -294,3 +361,75 @@ class StatBuffer:
     def to(self, device: torch.device) -> None:
         """Move the unit windows (e.g. restored from a checkpoint) to the training device."""
         self.last_fired = {s: t.to(device) for s, t in self.last_fired.items()}
+
+
+# ---------------------------------------------------------------------- across ranks (cold path)
+def pack_rows(host: HostRows, units: dict[int, np.ndarray]) -> np.ndarray:
+    """One rank's rows and unit windows as one float64 vector (for a single all-gather)."""
+    n, slots = host.calls.shape
+    order = np.full((n, slots), -1.0)
+    for i, o in enumerate(host.order):
+        order[i, o] = np.arange(len(o))
+    parts = [np.array([n, slots, len(units)], np.float64), host.steps.astype(np.float64),
+             host.dev.astype(np.float64).ravel(), host.calls.ravel(), host.numel.ravel(), host.full.ravel(),
+             host.counted.ravel(), host.scale.astype(np.float64).ravel(), order.ravel()]
+    for s, arr in sorted(units.items()):
+        parts += [np.array([s, arr.size], np.float64), arr.astype(np.float64)]
+    return np.concatenate([p.astype(np.float64).ravel() for p in parts])
+
+
+def _unpack_rows(vec: np.ndarray) -> tuple[HostRows, dict[int, np.ndarray]]:
+    n, slots, nu = (int(x) for x in vec[:3])
+    off = 3
+
+    def take(k: int, shape: tuple[int, ...]) -> np.ndarray:
+        nonlocal off
+        out = vec[off:off + k].reshape(shape)
+        off += k
+        return out
+
+    steps = take(n, (n,)).astype(np.int64)
+    dev = take(n * slots * len(COLUMNS), (n, slots, len(COLUMNS))).astype(np.float32)
+    calls, numel, full, counted = (take(n * slots, (n, slots)).astype(np.int64) for _ in range(4))
+    scale = take(2 * n, (n, 2)).astype(np.float32)
+    pos = take(n * slots, (n, slots))
+    order = [[int(s) for s in np.argsort(np.where(p >= 0, p, np.inf), kind="stable") if p[s] >= 0] for p in pos]
+    units = {}
+    for _ in range(nu):
+        s, k = (int(x) for x in take(2, (2,)))
+        units[s] = take(k, (k,)).astype(np.float32)
+    return HostRows(steps, dev, calls, numel, full, order, counted, scale), units
+
+
+def merge_ranks(vectors: list[np.ndarray]) -> tuple[HostRows, dict[int, np.ndarray]]:
+    """Combine every rank's :func:`pack_rows` vector: counts and sums add, norms combine, min/max of min/max,
+    a unit fired if it fired on any rank, the first-seen order of rank 0 first."""
+    ranks = [_unpack_rows(v) for v in vectors]
+    hosts = [h for h, _ in ranks]
+    n = min(len(h.steps) for h in hosts)
+    slots = min(h.calls.shape[1] for h in hosts)
+    base = hosts[0]
+    if n == 0:
+        return base, ranks[0][1]
+    dev = np.stack([h.dev[:n, :slots] for h in hosts]).astype(np.float64)
+    out = dev[0].copy()
+    add = [COLUMNS.index(c) for c in ("nonfinite", "nonzero", "sum")]
+    out[..., add] = dev[..., add].sum(0)
+    out[..., _L2] = np.sqrt((dev[..., _L2] ** 2).sum(0))
+    with np.errstate(invalid="ignore"):
+        out[..., _MIN] = np.min(dev[..., _MIN], axis=0)
+        out[..., _MAX] = np.max(dev[..., _MAX], axis=0)
+    order = []
+    for i in range(n):
+        seen = list(base.order[i])
+        for h in hosts[1:]:
+            seen += [s for s in h.order[i] if s not in seen]
+        order.append([s for s in seen if s < slots])
+    merged = HostRows(base.steps[:n], out.astype(np.float32),
+                      *(sum(getattr(h, f)[:n, :slots] for h in hosts) for f in ("calls", "numel", "full")),
+                      order, sum(h.counted[:n, :slots] for h in hosts), base.scale[:n])
+    units: dict[int, np.ndarray] = {}
+    for _, u in ranks:
+        for s, arr in u.items():
+            units[s] = arr if s not in units or units[s].shape != arr.shape else np.maximum(units[s], arr)
+    return merged, units

@@ -65,15 +65,25 @@ def leave_no_artifacts_behind():
 
 @pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
-    """A real offline W&B environment under tmp_path."""
+    """A real offline W&B environment under tmp_path; the run is finished and the service stopped after."""
+    pytest.importorskip("wandb")
+    env_before = dict(os.environ)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     yield tmp_path
-    try:
-        import wandb
+    import wandb
 
-        if wandb.run is not None:
-            wandb.finish()
-    except Exception:
-        pass
+    if wandb.run is not None:
+        wandb.finish()
+    wandb.teardown()  # stop the wandb service and its threads
+    for k in set(os.environ) - set(env_before):
+        if k.startswith("WANDB"):
+            monkeypatch.delenv(k, raising=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    # `pytest -m "not slow"` is the everyday subset: DDP processes and the real-model zoo count as slow
+    for item in items:
+        if item.get_closest_marker("ddp") or item.get_closest_marker("zoo"):
+            item.add_marker(pytest.mark.slow)

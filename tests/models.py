@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
+import importlib
+import os
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_probe import ProbeMixin
+
+#: The Lightning package these models are built on: ``pytorch_lightning`` by default, ``lightning.pytorch`` when a
+#: subprocess (the DDP and package tests) sets LIT_PROBE_TEST_PACKAGE.
+pl = importlib.import_module(os.environ.get("LIT_PROBE_TEST_PACKAGE", "pytorch_lightning"))
 
 
 def make_loader(n: int = 64, in_dim: int = 16, classes: int = 4, batch_size: int = 16, seed: int = 0,

@@ -1,9 +1,11 @@
-"""Smoke test of ``benchmarks/overhead.py``: a tiny in-process run, checking the JSON's shape (never timings)."""
+"""Smoke test of ``benchmarks/overhead.py``: tiny in-process runs of every section, checking the JSON's shape and
+the Markdown it prints (never timings)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +17,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 pytest.importorskip("psutil")
 pytest.importorskip("torchvision")
 
+TINY = ["--quick", "--device", "cpu", "--long-steps", "8", "--long-log-every", "2", "--long-window", "4",
+        "--scaling-steps", "4", "--kernel-modules", "10", "--steps", "3", "--warmup", "1", "--batch", "2"]
+
 
 def _load() -> ModuleType:
     spec = importlib.util.spec_from_file_location("lit_probe_bench_overhead", SCRIPT)
@@ -25,46 +30,102 @@ def _load() -> ModuleType:
     return mod
 
 
-def test_overhead_smoke(tmp_path: Path) -> None:
-    bench = _load()
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _load()
+
+
+def test_every_section(bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "overhead.json"
-    variants = "baseline,probe_blocks,naive_blocks,naive_leaves"
-    result = bench.main(["--quick", "--device", "cpu", "--steps", "3", "--warmup", "1", "--rounds", "1",
-                         "--batch", "2", "--variants", variants, "--json", str(out)])
+    variants = "baseline,probe_blocks,naive_leaves"
+    result = bench.main([*TINY, "--section", "all", "--variants", variants, "--memory-rounds", "0",
+                         "--json", str(out)])
+    printed = capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert data["summary"].keys() == result["summary"].keys()
-    for key in ("schema_version", "machine", "config", "memory_method", "summary", "targets", "fits",
-                "total_wall_s"):
+    assert data["sections"].keys() == result["sections"].keys() == {"long", "scaling", "kernels", "short"}
+    for key in ("schema_version", "machine", "config", "sections", "targets", "total_wall_s"):
         assert key in data, key
-    for key in ("cpu", "logical_cpus", "torch_threads", "torch", "device"):
+    for key in ("cpu", "logical_cpus", "torch_threads", "torch", "lightning", "device"):
         assert key in data["machine"], key
-    assert set(data["summary"]) == set(variants.split(","))
-    assert data["config"]["n_leaf_modules"] >= 52
-    assert data["config"]["block_probes"] in (["layer?.*"], [f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)])
-
-    for name in ("baseline", "naive_blocks"):  # peak memory: from the memory-pass subprocess
-        entry = data["summary"][name]
-        assert entry["status"] == "ok", entry
-        for key in ("median_step_ms", "ratio", "ratio_min", "ratio_max", "peak_mem_delta_mb", "n_steps"):
-            assert entry[key] is not None, (name, key)
-        assert entry["n_steps"] == 2  # 3 steps, 1 warm-up step discarded
-    assert data["summary"]["baseline"]["ratio"] == pytest.approx(1.0)
-
-    # full-backward hooks on an in-place ReLU: recorded as a crash, with the error's first line
-    naive_leaves = data["summary"]["naive_leaves"]
-    assert naive_leaves["status"] == "crashes"
-    assert naive_leaves["error"] and "\n" not in naive_leaves["error"]
-
-    # FeatureProbe runs once it exists, and is reported unavailable before that
-    assert data["summary"]["probe_blocks"]["status"] in ("ok", "unavailable")
+    assert data["machine"]["torch_threads"] == 1
     assert {t["result"] for t in data["targets"]} <= {"PASS", "MISS", "n/a"}
-    for fit in data["fits"]:
-        for key in ("variant", "round", "phase", "status", "step_s", "period_s", "rss_peak_delta_mb"):
-            assert key in fit, key
-    assert {f["phase"] for f in data["fits"]} == {"timing", "memory"}
+    for title in ("**Whole training loop**", "**Scaling**", "**Per observed tensor**", "**Short interleaved"):
+        assert title in printed, title
+    assert "Targets:" in printed
+
+    # long: A B A, every step stamped, the whole loop and the fit end measured
+    long = data["sections"]["long"]
+    assert long["config"]["order"] == ["no_probe", "probe_blocks", "no_probe"]
+    base = long["rows"]["no_probe"]
+    assert base["status"] == "ok", base
+    for key in ("median_step_ms", "mean_step_ms", "fit_end_s", "fit_wall_s", "log_step_early_ms",
+                "log_step_late_ms"):
+        assert base[key] is not None, key
+    for fit in long["fits"]:
+        if fit["status"] == "ok":
+            assert len(fit["period_s"]) == 8 and len(fit["step_s"]) == 8
+            assert fit["train_s"] > 0 and fit["fit_end_s"] >= 0
+            assert abs(sum(fit["period_s"]) - fit["train_s"]) < 1e-6
+    blocks = long["rows"]["probe_blocks"]
+    assert blocks.get("status") in ("ok", "unavailable", "error"), blocks  # FeatureProbe may be mid-rewrite
+    if blocks["status"] == "ok":
+        assert blocks["n_probed"] == 8
+        assert blocks["ratio_mean"] is not None and blocks["log_late_over_early"] is not None
+        assert blocks["fits"][0]["log_steps_early"] == [1, 3] and blocks["fits"][0]["log_steps_late"] == [5]
+
+    # scaling: one MLP size
+    (row,) = data["sections"]["scaling"]["rows"]
+    assert row["model"] == "mlp50" and row["n_probed"] == 49
+    assert row["status"] in ("ok", "unavailable", "error"), row
+    if row["status"] == "ok":
+        assert row["ratio_mean"] is not None and row["probe_fit_end_s"] is not None
+
+    # kernels: ops per tensor from the dispatch mode; the sentinel takes fewer ops than full statistics
+    rows = {r["case"].split(",")[-1].strip() + (" bf16" if r.get("bf16") else ""): r
+            for r in data["sections"]["kernels"]["rows"]}
+    sentinel, full = rows["sentinel (min/max)"], rows["full statistics"]
+    if "ops_per_tensor" in sentinel:
+        assert sentinel["tensors"] == 20  # 10 modules, an output and a gradient each
+        assert 0 < sentinel["ops_per_tensor"] < full["ops_per_tensor"]
+        assert sentinel["compute_ops_per_tensor"] >= 1  # at least the min/max
+        assert sentinel["host_us_per_tensor"] is not None
+        assert any("aminmax" in k for k in sentinel["probe_ops"])
+
+    # short: the old interleaved table; full-backward hooks on an in-place ReLU crash, with the first line
+    short = data["sections"]["short"]
+    assert set(short["summary"]) == set(variants.split(","))
+    assert short["summary"]["baseline"]["ratio"] == pytest.approx(1.0)
+    assert short["summary"]["baseline"]["n_steps"] == 2  # 3 steps, 1 warm-up step dropped
+    naive = short["summary"]["naive_leaves"]
+    assert naive["status"] == "crashes" and naive["error"] and "\n" not in naive["error"]
+    assert short["summary"]["probe_blocks"]["status"] in ("ok", "unavailable", "error")
+    assert short["config"]["n_leaf_modules"] >= 52 and short["config"]["n_blocks"] == 8
 
 
-def test_unknown_variant_is_rejected() -> None:
-    bench = _load()
+def test_short_memory_pass(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU memory pass: a subprocess with fixed glibc thresholds (run in-process here: an interpreter
+    start with torch and Lightning costs seconds)."""
+    calls = []
+
+    def run_in_process(cmd: list[str], env: dict[str, str], **kwargs: object) -> subprocess.CompletedProcess:
+        calls.append((cmd, env))
+        assert cmd[1] == str(SCRIPT)
+        bench.main(cmd[2:])
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", run_in_process)
+    out = tmp_path / "short.json"
+    bench.main([*TINY, "--section", "short", "--variants", "baseline", "--json", str(out)])
+    (cmd, env), = calls
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "131072" and "--memory-worker" in cmd
+    short = json.loads(out.read_text())["sections"]["short"]
+    assert {f["phase"] for f in short["fits"]} == {"timing", "memory"}
+    assert short["summary"]["baseline"]["peak_mem_delta_mb"] is not None
+
+
+def test_bad_arguments_are_rejected(bench: ModuleType) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--variants", "baseline,nope"])
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--section", "nope"])
+    assert bench.main(["--list-variants"]) == {}

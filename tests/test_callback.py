@@ -185,11 +185,15 @@ def test_resnet_every_leaf_trains_and_observes_only(tmp_path):
         assert n0 == n1 and torch.equal(p0, p1), n0
     assert m1.training == m0.training
     leaves = [n for n, mod in m1.named_modules() if not list(mod.children()) and n]
-    assert len(cbs[0].points) == len([n for n in leaves if n.startswith("net.")] ) + 0 or cbs[0].points
+    assert set(cbs[0].points) <= set(n for n, _ in m1.named_modules())
+    assert {n for n in leaves if n.startswith("net.")} <= set(cbs[0].points)  # `**` selects every leaf
     s = cbs[0].session
     scal = s.latest_scalars()
     assert scal["net.layer1.0.bn2/grad_rms"] > 0  # the gradient behind `out += identity` was captured
     assert scal["net.relu/act_rms"] > 0
+    # BasicBlock calls its one `relu` twice: two streams, each measured on its own
+    assert scal["net.layer1.0.relu/act_rms"] > 0 and scal["net.layer1.0.relu#1/act_rms"] > 0
+    assert scal["net.layer1.0.relu/act_rms"] != scal["net.layer1.0.relu#1/act_rms"]
 
 
 def test_module_reuse_dict_outputs_frozen_modules(tmp_path):
@@ -199,23 +203,24 @@ def test_module_reuse_dict_outputs_frozen_modules(tmp_path):
     trainer(tmp_path, callbacks=[p], max_steps=5).fit(Classifier(Mixed()), make_loader())
     from lit_probe.history import STATS
 
-    steps, v = p.session.history.window()
+    s = p.session
+    steps, v = s.history.window()
     calls = v[:, :, STATS.index("calls")]
-    names = p.points
-    i_shared = names.index("net.shared")
-    assert (calls[:, 2 * i_shared] == 2).all() and (calls[:, 2 * i_shared + 1] == 2).all()  # twice a step
-    i_frozen = names.index("net.frozen")
-    assert (calls[:, 2 * i_frozen] == 1).all() and (calls[:, 2 * i_frozen + 1] == 0).all()  # no grad path
-    i_dict = names.index("net.dict_out")
-    assert (calls[:, 2 * i_dict] == 2).all()  # both tensors of the dict output
-    assert (calls[:, 2 * i_dict + 1] == 2).all()  # and both gradients
+    for stream in ("net.shared", "net.shared#1"):  # called twice a step: one stream per call
+        assert (calls[:, s.slot_of(stream, "activation")] == 1).all()
+        assert (calls[:, s.slot_of(stream, "gradient")] == 1).all()
+    assert (calls[:, s.slot_of("net.frozen", "activation")] == 1).all()
+    assert (calls[:, s.slot_of("net.frozen", "gradient")] == 0).all()  # no grad path
+    assert (calls[:, s.slot_of("net.dict_out", "activation")] == 2).all()  # both tensors of the dict output
+    assert (calls[:, s.slot_of("net.dict_out", "gradient")] == 2).all()  # and both gradients
 
 
 def test_validation_under_no_grad_and_metrics_in_csv(tmp_path):
     from pytorch_lightning.loggers import CSVLogger
 
     torch.manual_seed(0)
-    p = FeatureProbe(probes=["net.0", "net.1"], probe_validation=True, save_dir=str(tmp_path / "p"))
+    p = FeatureProbe(probes=["net.0", "net.1"], probe_validation=True, save_dir=str(tmp_path / "p"),
+                     thresholds={"dead_window": 5})  # dead_fraction is logged once its window has been seen
     t = trainer(tmp_path, callbacks=[p], max_steps=10, logger=CSVLogger(tmp_path), num_sanity_val_steps=2,
                 limit_val_batches=2, val_check_interval=5, log_every_n_steps=5)
     t.fit(Classifier(mlp()), make_loader(n=160), make_loader(seed=1))
@@ -290,8 +295,9 @@ def test_state_round_trip_is_weights_only_safe(tmp_path):
     p = FeatureProbe(probes=["net.*"], save_dir=str(tmp_path / "p"), every_n_steps=1)
     with pytest.warns(ProbeWarning):
         trainer(tmp_path, callbacks=[p], max_steps=30).fit(Classifier(net), make_loader(n=480))
-    p._session = p.session  # state is read from the last session
+    assert p.session is not None  # after fit the probe still holds its last session: its state is saved
     state = p.state_dict()
+    assert state["findings"] and state["session"]["names"] == p.points
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 from pathlib import Path
 
 import pytest
 import yaml
-from pytorch_lightning.cli import LightningCLI
-
 from lit_probe import FeatureProbe
-from lit_probe.demo import DemoCNN, ShapesDataModule
+from lit_probe.demo import DemoCNN, ShapesDataModule, pl
+
+LightningCLI = importlib.import_module(f"{pl.__name__}.cli").LightningCLI  # the demo's package's CLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROBE_CONFIGS = ["probe.yaml", "probe_versioned_wandb.yaml", "probe_large_model.yaml"]
@@ -86,20 +87,28 @@ def test_demo_config_parses(tmp_path, monkeypatch):
     assert 0 < cli.trainer.max_steps <= 200
 
 
-def test_large_model_config_selects_resnet_blocks():
+@pytest.mark.parametrize("build", ["resnet18", "vit", "bert"])
+def test_large_model_config_works_on_any_model(build):
+    """The first two levels of the module tree, whatever the model: a CNN, a ViT, a transformer."""
     import torch
     import torchvision
 
     from lit_probe.selection import resolve
 
+    nets = {"resnet18": lambda: torchvision.models.resnet18(weights=None),
+            "vit": lambda: torchvision.models.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=4),
+            "bert": lambda: torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(32, 2, 64), 2)}
+
     class Wrapper(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone = torchvision.models.resnet18(weights=None)
+            self.backbone = nets[build]()
 
+    model = Wrapper()
     probe = FeatureProbe(**_init_args("probe_large_model.yaml"))
-    names = [n for n, _ in resolve(Wrapper(), probe.probes)]
-    assert names == [f"backbone.layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    names = [n for n, _ in resolve(model, probe.probes)]
+    children = [f"backbone.{n}" for n, _ in model.backbone.named_children()]
+    assert names == ["backbone"] + children
     assert probe.every_n_steps > FeatureProbe().every_n_steps
     assert len(probe.figures) < len(FeatureProbe().figures)
 

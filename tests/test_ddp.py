@@ -30,9 +30,10 @@ SCRIPT = textwrap.dedent('''
     sys.path[:0] = [{repo!r}, {tests!r}]
     from datetime import timedelta
 
-    import pytorch_lightning as pl
+    os.environ["LIT_PROBE_TEST_PACKAGE"] = {pkg!r}
+    import {pkg} as pl
     import torch
-    from pytorch_lightning.strategies import DDPStrategy
+    from {pkg}.strategies import DDPStrategy
     from torch import nn
 
     from lit_probe import FeatureProbe
@@ -106,11 +107,11 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _run(tmp_path: Path, strategy: str) -> tuple[dict, dict, list[dict]]:
+def _run(tmp_path: Path, strategy: str, pkg: str = "pytorch_lightning") -> tuple[dict, dict, list[dict]]:
     out = tmp_path / "out"
     out.mkdir()
     script = tmp_path / "train_ddp.py"
-    script.write_text(SCRIPT.format(repo=str(REPO), tests=str(TESTS), out=str(out)))
+    script.write_text(SCRIPT.format(repo=str(REPO), tests=str(TESTS), out=str(out), pkg=pkg))
     dist_vars = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -126,9 +127,11 @@ def _run(tmp_path: Path, strategy: str) -> tuple[dict, dict, list[dict]]:
 
 
 @pytest.mark.ddp
+@pytest.mark.parametrize("pkg", ["pytorch_lightning", "lightning.pytorch"])
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp"])
-def test_ddp_nan_on_rank1_is_found_by_rank0(tmp_path, strategy):
-    r0, r1, findings = _run(tmp_path, strategy)
+def test_ddp_nan_on_rank1_is_found_by_rank0(tmp_path, strategy, pkg):
+    pytest.importorskip(pkg)
+    r0, r1, findings = _run(tmp_path, strategy, pkg)
     for r, rec in enumerate((r0, r1)):
         assert rec["rank"] == r and rec["world"] == 2 and rec["global_step"] == 10
         assert rec["wrapped"] == "DistributedDataParallel"  # the model really was wrapped

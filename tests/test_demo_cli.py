@@ -39,6 +39,7 @@ def test_demo_reports_the_injected_bug(bug, tmp_path, capsys):
     rows = _findings(out)
     assert (out / "probe" / "summary.md").is_file()
     assert str(out / "probe" / "summary.md") in text
+    assert f"Report: {out / 'probe' / 'report.html'}" in text and (out / "probe" / "report.html").is_file()
     if bug == "none":
         assert rows == []
         assert "No findings" in text
@@ -141,3 +142,87 @@ def test_format_findings():
     text = format_findings([f] * 30, max_rows=5)
     assert "Findings (30):" in text and "... and 25 more" in text
     assert text.count(ADVICE["dead"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------- issue 11
+_HEAVY = ("torch", "pytorch_lightning", "lightning", "matplotlib", "wandb", "lit_probe.demo")
+# `python -m lit_probe ARGV` for several ARGV in one interpreter; prints, last, the exit codes and which heavy
+# modules the package import alone loaded and which were loaded after all the commands
+_IMPORTS_SCRIPT = """
+import json, runpy, sys
+HEAVY = {heavy!r}
+import lit_probe
+package = sorted(m for m in HEAVY if m in sys.modules)
+codes = []
+for argv in {argvs!r}:
+    sys.argv = ["lit-probe", *argv]
+    try:
+        runpy.run_module("lit_probe", run_name="__main__", alter_sys=True)
+        codes.append(0)
+    except SystemExit as exc:
+        codes.append(exc.code)
+print(json.dumps({{"codes": codes, "package": package, "after": sorted(m for m in HEAVY if m in sys.modules)}}))
+"""
+
+
+def test_parsing_imports_neither_torch_nor_lightning(tmp_path):
+    """`lit-probe --help`, `demo --help`, bad arguments and an unusable --out import no torch/Lightning."""
+    (tmp_path / "file").write_text("x")
+    argvs = [["--help"], ["demo", "--help"], ["report", "--help"], ["demo", "--steps", "0"], ["frobnicate"],
+             ["demo", "--out", str(tmp_path / "file" / "sub"), "--wandb", "disabled"],
+             ["report", str(tmp_path / "nope")]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", _IMPORTS_SCRIPT.format(heavy=_HEAVY, argvs=argvs)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["codes"] == [0, 0, 0, 2, 2, 2, 2], res.stderr
+    assert "usage: lit-probe demo" in res.stdout and "SAVE_DIR" in res.stdout
+    # the command line itself imports nothing heavy: all of it comes from `import lit_probe` (if anything)
+    assert set(got["after"]) == set(got["package"]), got
+    if "torch" in got["package"]:
+        pytest.xfail("`import lit_probe` (lit_probe/__init__.py) imports torch eagerly; the CLI itself does not")
+    assert got["after"] == []
+
+
+def test_demo_steps_default_matches_the_demo():
+    from lit_probe.__main__ import _DEMO_STEPS
+    from lit_probe.demo import DEMO_STEPS
+
+    assert _DEMO_STEPS == DEMO_STEPS
+
+
+@pytest.mark.parametrize("where", ["file", "under-file", "proc"])
+def test_demo_unusable_out_is_one_line_exit_2(where, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    out = {"file": tmp_path / "file", "under-file": tmp_path / "file" / "a" / "b", "proc": Path("/proc/lit-probe-x")}
+    if where == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc")
+    assert main(["demo", "--out", str(out[where]), "--wandb", "disabled"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lit-probe demo: error: --out {out[where]}: "), captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_report_command(tmp_path, capsys):
+    probe = tmp_path / "run" / "probe"
+    probe.mkdir(parents=True)
+    f = Finding(step=7, layer="block3.norm_div", signal="activation", kind="nonfinite", value=float("nan"),
+                threshold=0.0)
+    (probe / "findings.jsonl").write_text(f.to_json() + "\n")
+    assert main(["report", str(probe), "--title", "my run"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == str((probe / "report.html").resolve())
+    page = (probe / "report.html").read_text()
+    assert "<title>my run</title>" in page and "block3.norm_div" in page
+    # a demo's --out (the probe's files one level down) works too
+    (probe / "report.html").unlink()
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert (probe / "report.html").is_file()
+    capsys.readouterr()
+    for bad in (tmp_path / "nope", probe / "findings.jsonl"):
+        assert main(["report", str(bad)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"lit-probe report: error: SAVE_DIR {bad} "), err

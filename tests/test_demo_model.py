@@ -195,7 +195,7 @@ def test_healthy_has_no_symptom():
 
 def test_lightning_step_drives_the_nan_bug():
     """Under a real Trainer, the first non-finite activation is block3.norm_div at global_step == bug_step."""
-    import pytorch_lightning as pl
+    from lit_probe.demo import pl
 
     m = DemoCNN(bug="nan", bug_step=2)
     seen: list[tuple[int, str]] = []

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from lit_probe import ProbeConfigError
-from lit_probe.diagnose import Diagnoser, Thresholds
+from lit_probe.diagnose import Diagnosis, Thresholds, diagnose as run_detectors
+from lit_probe.findings import Finding, group_incidents, incidents_of
 from lit_probe.history import derive
 from lit_probe.stats import COLUMNS, HostRows
 
@@ -33,10 +34,13 @@ def rows(steps, absmax=None, l2=None, nonfinite_at=None, order=None, scale=None)
     return HostRows(np.array(steps), dev, ones, ones * 100, ones, order or [list(range(slots))] * n, ones * 100, sc)
 
 
-def diagnose(host, **thr):
-    dg = Diagnoser(NAMES, SIGNALS, Thresholds.from_dict(thr), dead_slots=[0, 2, 4])
+JUDGED = [True, False, True, False, True, False]  # activation streams of ReLU-like layers
+
+
+def diagnose(host, units=None, first_seen=None, state=None, **thr):
     d = derive(host, np.array([s == "gradient" for s in SIGNALS]), np.array([s == "activation" for s in SIGNALS]))
-    return dg, dg.update(d)
+    return run_detectors(state or Diagnosis(), d, units, first_seen, NAMES, SIGNALS, JUDGED,
+                         Thresholds.from_dict(thr))
 
 
 def test_nonfinite_first_in_forward_and_backward_order():
@@ -70,28 +74,83 @@ def test_growth_needs_history():
     assert f == []
 
 
-def test_vanishing_relative_to_largest_gradient():
+def test_vanishing_envelope_along_the_backward_path():
+    l2 = np.ones((6, 6))
+    l2[:, 1] = 1e-7  # layer a (the input end: last in backward order) gets a tiny gradient
+    backward = [[0, 2, 4, 5, 3, 1]] * 6  # activations a, b, c; then gradients c, b, a
+    _, f = diagnose(rows(range(6), l2=l2, order=backward))
+    assert [(x.layer, x.signal, x.kind, x.step) for x in f] == [("a", "gradient", "vanishing", 4)]
+    # a branch: b's gradient is tiny, but the path below it (a) carries a normal one -> not vanishing
+    l2 = np.ones((6, 6))
+    l2[:, 3] = 1e-7
+    _, f = diagnose(rows(range(6), l2=l2, order=backward))
+    assert f == []
+    # a tiny gradient that recovers within the window is not vanishing; an exact zero is blocked, not vanishing
     l2 = np.ones((6, 6))
     l2[:, 1] = 1e-7
-    _, f = diagnose(rows(range(6), l2=l2))
-    assert [(x.layer, x.signal, x.kind, x.step) for x in f] == [("a", "gradient", "vanishing", 4)]
+    l2[3, 1] = 1.0
+    _, f = diagnose(rows(range(6), l2=l2, order=backward))
+    assert f == []
+    l2[:, 1] = 0.0
+    _, f = diagnose(rows(range(6), l2=l2, order=backward))
+    assert f == []
+
+
+def test_detectors_are_pure_functions_of_state_and_statistics():
+    host = rows(range(3), nonfinite_at=[(1, 2), (2, 2)])
+    state = Diagnosis()
+    before = state.state_dict()
+    s1, f1 = diagnose(host, state=state)
+    assert state.state_dict() == before  # the given state is never changed
+    s2, f2 = diagnose(host, state=state)
+    assert f1 == f2 and s1.state_dict() == s2.state_dict()
+    # the returned state carries on: the same rows again report nothing new (still active)
+    _, f3 = diagnose(rows([3], nonfinite_at=[(0, 2)]), state=s1)
+    assert f3 == []
 
 
 def test_skipped_gradscaler_step_is_not_a_finding():
     scale = np.array([[65536, 65536], [65536, 32768], [32768, 32768]], np.float32)
     host = rows(range(3), nonfinite_at=[(1, 1), (1, 3)], scale=scale)
-    dg, f = diagnose(host)
-    assert f == [] and dg.skipped_steps == [1]
+    st, f = diagnose(host)
+    assert f == [] and st.skipped_steps == [1]
 
 
 def test_dead_window():
-    dg = Diagnoser(NAMES, SIGNALS, Thresholds(), dead_slots=[0, 2, 4])
     last = np.array([0, 0, 0, 0, 0, 0, 0, 0], np.float32)
     alive = np.full(8, 29.0, np.float32)
-    d = derive(rows([29]), np.array([s == "gradient" for s in SIGNALS]), np.ones(6, bool))
-    f = dg.update(d, {0: last, 2: alive}, {0: 0, 2: 0})
+    st, f = diagnose(rows([29]), {0: last, 2: alive, 4: last}, {0: 0, 2: 0, 4: 25})
     assert [(x.layer, x.kind, x.value, x.step) for x in f] == [("a", "dead", 1.0, 20)]
-    assert math.isclose(dg.dead_fraction_latest[2], 0.0)
+    assert math.isclose(st.dead_latest[2], 0.0)
+    assert 4 not in st.dead_latest  # its window (from step 25) is not complete: no dead fraction yet
+
+
+def test_only_relu_like_streams_are_judged_dead():
+    never_positive = np.zeros(8, np.float32)
+    _, f = diagnose(rows([29]), {1: never_positive, 3: never_positive}, {1: 0, 3: 0})
+    assert f == []  # gradient slots / non-judged streams
+
+
+def _f(step, layer, kind, signal="activation"):
+    return Finding(step=step, layer=layer, signal=signal, kind=kind, value=1.0, threshold=1.0)
+
+
+def test_incidents_group_one_root_cause_and_drop_contradictions():
+    dead_before = Finding(step=20, layer="z", signal="activation", kind="dead", value=1.0, threshold=0.5,
+                          extra={"since": 0})  # dead from step 0, before the explosion: a possible cause, kept
+    new = [_f(2, "b", "exploding"), _f(2, "c", "exploding"), _f(2, "c", "vanishing", "gradient"),
+           _f(3, "d", "nonfinite"), dead_before, _f(30, "e", "dead"), _f(400, "a", "exploding")]
+    kept, dropped = group_incidents([], new)
+    assert [(f.layer, f.kind, f.incident, f.cause) for f in kept] == [
+        ("b", "exploding", 0, True), ("c", "exploding", 0, False), ("d", "nonfinite", 0, False),
+        ("z", "dead", 1, True), ("a", "exploding", 2, True)]
+    assert {(f.layer, f.kind) for f in dropped} == {("c", "vanishing"), ("e", "dead")}
+    inc = incidents_of(kept)
+    assert [(i.id, i.layer, i.step, i.layers) for i in inc] == [(0, "b", 2, ("c", "d")), (1, "z", 20, ()),
+                                                               (2, "a", 400, ())]
+    # later findings join the open incident across flushes
+    more, _ = group_incidents(kept, [_f(420, "f", "exploding")])
+    assert [(f.incident, f.cause) for f in more] == [(2, False)]
 
 
 @pytest.mark.parametrize("bad", [{"dead_fraction": 0}, {"dead_window": 2.5}, {"exploding_growth": 0.5},

@@ -340,3 +340,283 @@ def test_grid_render_time():
     t0 = time.perf_counter()
     figure_to_png(feature_grid(_relu_maps(0), title="t"))
     assert time.perf_counter() - t0 < 5  # ~0.2 s on an idle core
+
+
+# ---------------------------------------------------------------------------------------------------
+# figures that tell the truth (issue 14)
+# ---------------------------------------------------------------------------------------------------
+def _rgb(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB")).astype(int)
+
+
+def _colour_mask(arr: np.ndarray, hex_colour: str, tol: int = 12) -> np.ndarray:
+    from matplotlib.colors import to_rgb
+
+    ref = (np.array(to_rgb(hex_colour)) * 255).round().astype(int)
+    return np.all(np.abs(arr - ref) <= tol, axis=-1)
+
+
+def _image_axes(fig):
+    return [ax for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>"]
+
+
+def _render_at(fig, points):
+    """Render ``fig`` to PNG (reopened) and map data points ``(ax, x, y)`` to ``(row, col)`` pixels of it.
+
+    The layout is computed by a first Agg draw at the PNG's dpi; figure_to_png then draws the same layout.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig.set_dpi(100)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    height = canvas.get_width_height()[1]
+    pix = []
+    for ax, x, y in points:
+        px, py = ax.transData.transform((x, y))
+        pix.append((int(height - py), int(px)))
+    arr = _rgb(_png(fig))
+    assert arr.shape[0] == height
+    return arr, pix
+
+
+def _grid_fig(vals, **kw):
+    fig = feature_grid(vals, title="t", **kw)
+    return fig, _texts(fig)
+
+
+def test_partly_nan_map_marks_each_kind_and_keeps_the_finite_colours():
+    from lit_probe.figures import _SPECIAL
+
+    vals = _relu_maps(3, c=16, h=12, w=12)
+    vals[3:6] = np.nan  # three whole channels
+    vals[7, :4, :4] = np.inf
+    vals[8, 0, :5] = -np.inf
+    fig, texts = _grid_fig(vals)
+    ax = _image_axes(fig)[0]
+    # tile 0 spans data x, y in [1, 13) (1-pixel separators)
+    arr, ((top, left), (bottom, right), nan_px) = _render_at(fig, [(ax, 1.0, 1.0), (ax, 12.0, 12.0),
+                                                                   (ax, 13 * 3 + 6.0, 6.0)])
+    pal = _SPECIAL[False]
+    assert "NaN: 432" in texts and "+Inf: 16" in texts and "-Inf: 5" in texts  # the legend names them
+    assert "range 0.5-99.5 pct [0, " in texts
+    assert _colour_mask(arr, pal["nan"][0]).sum() > 1000
+    assert _colour_mask(arr[nan_px[0]:nan_px[0] + 1, nan_px[1]:nan_px[1] + 1], pal["nan"][0]).all()
+    assert _colour_mask(arr, pal["high"][0], tol=2).sum() > 50  # +Inf cells in white
+    assert _colour_mask(arr, pal["low"][0]).sum() > 10  # -Inf cells in cyan
+    # the finite part keeps a real colour range: many viridis colours, not one field
+    tile0 = arr[top:bottom, left:right].reshape(-1, 3)
+    assert len(np.unique(tile0, axis=0)) > 20
+    assert len(np.unique(arr.reshape(-1, 3), axis=0)) > 2
+
+
+def test_a_few_exploded_cells_do_not_flatten_the_map():
+    vals = _relu_maps(4, c=16, h=12, w=12)
+    vals[0, :3, :3] = 1e19  # 21 of 2,304 cells (0.9 %: enough to move a 99.5 percentile)
+    vals[5, 2, :] = 1e19
+    fig, texts = _grid_fig(vals)
+    ax = _image_axes(fig)[0]
+    arr, (hot, cold, (top, left), (bottom, right)) = _render_at(
+        fig, [(ax, 2.0, 2.0), (ax, 8.0, 8.0), (ax, 1.0, 1.0), (ax, 12.0, 12.0)])
+    lo, hi = robust_range(vals)
+    assert 0 <= lo < hi < 10
+    assert "outliers far above the range: 21 (to 1.00e+19)" in texts
+    assert "data [0, 1.00e+19]" in texts
+    white = _colour_mask(arr, "#ffffff", tol=2)
+    assert white[hot] and not white[cold]  # exploded cells white, the rest of tile 0 on the viridis scale
+    tile0 = arr[top:bottom, left:right].reshape(-1, 3)
+    assert len(np.unique(tile0, axis=0)) > 20
+
+
+def test_exploded_gradient_map_uses_its_own_high_and_low_colours():
+    from lit_probe.figures import _SPECIAL
+
+    g = np.random.default_rng(2).normal(size=(4, 10, 10)).astype(np.float32)
+    g[0, :2, :2] = 1e19
+    g[1, :2, :2] = -1e19
+    fig, texts = _grid_fig(g, diverging=True)
+    cb = [a for a in fig.axes if a.get_label() == "<colorbar>"][0]
+    lo, hi = sorted(cb.get_ylim())
+    assert lo == pytest.approx(-hi) and hi < 10
+    arr = _rgb(_png(fig))
+    pal = _SPECIAL[True]
+    assert _colour_mask(arr, pal["high"][0]).sum() > 20 and _colour_mask(arr, pal["low"][0]).sum() > 20
+    assert "outliers far below the range: 4" in texts
+
+
+def test_robust_range_with_many_outliers_and_a_mostly_exploded_map():
+    v = np.abs(np.random.default_rng(0).normal(size=10_000))
+    v[:300] = 1e19  # 3 %
+    assert robust_range(v)[1] < 10
+    v[:6000] = 1e19  # most of the map exploded: that is the map now
+    assert robust_range(v)[1] > 1e18
+
+
+def test_only_a_few_values_across_a_big_gap_are_outliers():
+    from lit_probe.figures import _inliers
+
+    rng = np.random.default_rng(0)
+    assert _inliers(np.exp(rng.normal(size=65536) * 2)).all()  # a continuous heavy tail: none
+    assert _inliers(np.maximum(rng.normal(size=4096), 0)).all()
+    probs = np.full(10, 1e-3)
+    probs[3] = 0.99
+    assert _inliers(probs).all()  # a softmax peak is the map's range, not an outlier
+    relu = np.maximum(rng.normal(size=4096), 0)
+    relu[:5] = 1e5
+    assert (~_inliers(relu)).sum() == 5
+    g = rng.normal(size=1000)
+    g[:3] = -1e19  # by magnitude: negative outliers too
+    assert list(np.flatnonzero(~_inliers(g))) == [0, 1, 2]
+    assert _inliers(np.array([0.0, 1e19])).all() and _inliers(np.array([1.0])).all()
+
+
+def test_color_scale_range_for_keeps_the_layer_scale_through_an_exploded_step():
+    sc = ColorScale()
+    assert sc.range_for(0.0, 2.0) == (0.0, 2.0, True)
+    lo, hi, shared = sc.range_for(0.0, 1e19)  # exploded step: own range, the scale is untouched
+    assert not shared and hi == 1e19 and sc.range == (0.0, 2.0)
+    lo, hi, shared = sc.range_for(0.0, 1e-4)  # collapsed step: own range too
+    assert not shared and hi == 1e-4 and sc.range == (0.0, 2.0)
+    lo, hi, shared = sc.range_for(0.0, 3.0)  # ordinary growth widens the kept scale
+    assert shared and hi >= 3.0 and sc.range == (lo, hi)
+    sym = ColorScale(symmetric=True)
+    sym.range_for(-1.0, 1.0)
+    assert sym.range_for(-5e3, 2e3) == (-5e3, 5e3, False)
+
+
+def test_one_row_layer_has_integer_ticks_only():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = feature_grid(np.random.default_rng(0).normal(size=(1, 20)).astype(np.float32), title="1-d")
+    FigureCanvasAgg(fig).draw()
+    ax = _image_axes(fig)[0]
+    for axis, lim in ((ax.yaxis, ax.get_ylim()), (ax.xaxis, ax.get_xlim())):
+        lo, hi = sorted(lim)
+        locs = [t for t in axis.get_majorticklocs() if lo <= t <= hi]
+        assert locs and all(float(t).is_integer() for t in locs), locs
+        labels = [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
+        assert all(lab.lstrip("−-").isdigit() for lab in labels), labels
+    assert [t for t in ax.get_yticks() if -0.5 <= t <= 0.5] == [0]
+    fig2 = feature_grid(np.random.default_rng(1).normal(size=(3, 300)).astype(np.float32), title="wide")
+    FigureCanvasAgg(fig2).draw()
+    assert all(float(t).is_integer() for t in _image_axes(fig2)[0].get_xticks())
+
+
+def _uneven_timeline(findings):
+    steps = np.array([0, 2, 3, 5, 6, 8, 9, 20, 30, 50])
+    layers = ["a", "b", "c"]
+    act = np.tile(10.0 ** np.arange(10), (3, 1))  # one distinct colour per column
+    grad = act * 1e-3
+    dead = np.zeros((3, 10))
+    dead[1, 7:] = 1.0
+    return health_timeline(layers, steps, act, grad, dead, findings, title="uneven")
+
+
+def test_timeline_columns_span_their_true_steps():
+    fig = _uneven_timeline([])
+    ax = fig.axes[0]
+    ext = ax.images[0].get_extent()
+    assert ext[0] == pytest.approx(-0.5) and ext[1] == pytest.approx(50.5)
+    probe = [0, 2, 3, 5, 6, 8, 9, 13, 16, 20, 24, 26, 30, 50]
+    arr, pix = _render_at(fig, [(ax, float(s), 1.0) for s in probe])
+    colour = {s: tuple(arr[r, c]) for s, (r, c) in zip(probe, pix)}
+    # the cell of step 20 spans 14.5..25 (halfway to 9 and to 30); step 9's cell spans 8.5..14.5
+    assert colour[16] == colour[20] == colour[24]
+    assert colour[13] == colour[9] != colour[20]
+    assert colour[26] == colour[30] != colour[20]
+    assert len({colour[s] for s in (0, 2, 3, 5, 6, 8, 9, 20, 30, 50)}) == 10
+
+
+def test_timeline_x_ticks_are_true_integer_steps():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = _uneven_timeline([])
+    FigureCanvasAgg(fig).draw()
+    ax = [a for a in fig.axes if a.get_xlabel().startswith("global step")][0]
+    lo, hi = ax.get_xlim()
+    pairs = [(t.get_position()[0], t.get_text()) for t in ax.get_xticklabels()
+             if t.get_text() and lo <= t.get_position()[0] <= hi]  # the drawn ones
+    assert len(pairs) >= 4
+    for pos, text in pairs:
+        assert float(pos).is_integer() and int(text) == int(pos)
+    assert [text for _, text in pairs] != ["0", "2", "3", "5", "6", "8", "9", "20", "30", "50"]
+
+
+def test_timeline_markers_sit_at_their_step_on_the_panel_of_their_signal():
+    findings = [("a", 5, "nonfinite", "activation"), ("b", 20, "dead", "activation"),
+                ("c", 30, "vanishing", "gradient"), ("a", 8, "exploding", "gradient"),
+                ("c", 3, "exploding"), ("nope", 1, "dead", "activation")]
+    fig = _uneven_timeline(findings)
+    panels = [a for a in fig.axes if a.images and a.get_label() != "<colorbar>"]
+    assert len(panels) == 3
+
+    def offsets(ax):
+        return sorted(tuple(map(float, xy)) for c in ax.collections for xy in c.get_offsets())
+
+    assert offsets(panels[0]) == [(3.0, 2.0), (5.0, 0.0)]  # activation findings (3-tuple = activation)
+    assert offsets(panels[1]) == [(8.0, 0.0), (30.0, 2.0)]  # gradient findings
+    assert offsets(panels[2]) == [(20.0, 1.0)]  # dead
+    text = _texts(fig)
+    for label in ("no value (not measured, or RMS NaN)", "nonfinite (activation panel): 1",
+                  "exploding (activation/gradient panel): 2", "vanishing (gradient panel): 1",
+                  "dead (dead panel): 1"):
+        assert label in text, label
+    _png(fig)
+
+
+@pytest.mark.parametrize("steps", [[7], [0, 5, 5, 9], [9, 0, 5, 3], list(range(0, 15000, 3))],
+                         ids=["one", "duplicates", "unsorted", "5000-steps"])
+def test_timeline_odd_step_lists_render(steps):
+    d = np.ones((2, len(steps)))
+    d[0, 0] = np.inf
+    fig = health_timeline(["a", "b"], np.array(steps), d, d, np.zeros_like(d), [("a", int(steps[-1]), "dead")])
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    assert lo <= min(steps) and hi >= max(steps)
+    _png(fig)
+
+
+def test_timeline_no_data_cells_are_grey_and_explained():
+    steps = np.arange(4)
+    act = np.ones((2, 4))
+    act[1, 2:] = np.nan
+    fig = health_timeline(["a", "b"], steps, act, act, np.zeros((2, 4)), [])
+    text = _texts(fig)
+    arr, [(r, c)] = _render_at(fig, [(fig.axes[0], 3.0, 1.0)])
+    assert _colour_mask(arr[r:r + 1, c:c + 1], "#c8c8c8", tol=3).all()
+    assert "no value (not measured, or RMS NaN)" in text and "no findings" in text
+
+
+def test_timeline_400_layers_by_1000_steps_is_fast_and_says_how_it_groups():
+    rng = np.random.default_rng(0)
+    n_l, n_s = 400, 1000
+    steps = np.concatenate([np.arange(10), np.arange(1, n_s - 9) * 10])
+    act = np.exp(rng.normal(size=(n_l, n_s)))
+    layers = [f"blocks.{i}.mlp" for i in range(n_l)]
+    t0 = time.perf_counter()
+    fig = health_timeline(layers, steps, act, act * 1e-3, rng.random((n_l, n_s)) * 0.1,
+                          [("blocks.7.mlp", 500, "dead", "activation")], title="big")
+    title, text = fig.get_suptitle(), _texts(fig)
+    img = _png(fig)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 8  # < 1 s on an idle core; generous for a shared machine
+    assert "blocks of 4 consecutive layers" in title and "bins of" in title and "geometric mean" in title
+    assert 1000 <= img.size[0] <= 1300 and img.size[1] <= 1500
+    assert "blocks.396.mlp (+3)" in text
+
+
+def test_gradcam_grid_has_captions_and_a_weight_colour_bar():
+    from lit_probe.figures import gradcam_grid
+
+    ov = np.random.default_rng(0).random((3, 16, 16, 3)).astype(np.float32)
+    fig = gradcam_grid(ov, title="layer4 · Grad-CAM · step 7",
+                       labels=["sample 0 · class 3", "sample 1 · class 7"])
+    cbs = [a for a in fig.axes if a.get_label() == "<colorbar>"]
+    assert len(cbs) == 1
+    assert sorted(cbs[0].get_ylim()) == [0.0, 1.0] and "Grad-CAM weight" in cbs[0].get_ylabel()
+    titles = [a.get_title() for a in fig.axes if a.images]
+    assert titles == ["sample 0 · class 3", "sample 1 · class 7", "sample 2"]
+    assert "step 7" in fig.get_suptitle()
+    img = _png(fig)
+    assert np.asarray(img.convert("L")).std() > 5
+    _png(gradcam_grid(ov[:1], title="no labels"))

@@ -170,9 +170,10 @@ def _snap(shape, seed=0, relu=True):
     return np.maximum(v, 0) if relu else v
 
 
-def test_renderer_draws_every_kind_and_feeds_every_sink():
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_renderer_draws_every_kind_and_feeds_every_sink(backend):
     a, b = RecordingSink(), RecordingSink()
-    r = FigureRenderer([a, b], max_queue=8)
+    r = FigureRenderer([a, b], max_queue=8, backend=backend)
     dead = np.zeros(8, dtype=bool)
     dead[1] = True
     assert r.submit_layer(3, "layer1", _snap((2, 8, 6, 6)), _snap((2, 8, 6, 6), 1, relu=False), dead=dead,
@@ -232,9 +233,10 @@ def test_renderer_timeline():
     assert "timeline" in FIGURE_KINDS
 
 
-def test_renderer_uses_one_color_scale_per_layer_and_figure():
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_renderer_uses_one_color_scale_per_layer_and_figure(backend):
     sink = RecordingSink()
-    r = FigureRenderer([sink])
+    r = FigureRenderer([sink], backend=backend)
     r.submit_layer(0, "x", _snap((1, 4, 6, 6)), _snap((1, 4, 6, 6), relu=False))
     r.submit_layer(1, "x", _snap((1, 4, 6, 6)) * 0.1, _snap((1, 4, 6, 6), relu=False) * 10)
     r.close()
@@ -244,16 +246,18 @@ def test_renderer_uses_one_color_scale_per_layer_and_figure():
     assert grad is not None and grad[0] == -grad[1] and grad[1] > 5  # widened by the larger gradient
 
 
-def test_a_broken_sink_is_recorded_and_others_still_get_images():
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_a_broken_sink_is_recorded_and_others_still_get_images(backend):
     good = RecordingSink()
-    r = FigureRenderer([BrokenSink(), good], figures=("activations",))
+    r = FigureRenderer([BrokenSink(), good], figures=("activations",), backend=backend)
     r.submit_layer(0, "x", _snap((1, 4, 6, 6)), None)
     r.close()
     assert len(good.calls) == 1
     assert any("sink is broken" in e for e in r.errors)
 
 
-def test_renderer_drops_when_full_and_counts():
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_renderer_drops_when_full_and_counts(backend):
     gate = threading.Event()
 
     class SlowSink(RecordingSink):
@@ -262,12 +266,13 @@ def test_renderer_drops_when_full_and_counts():
             super().write_png(*a)
 
     sink = SlowSink()
-    r = FigureRenderer([sink], figures=("activations",), max_queue=1)
+    r = FigureRenderer([sink], figures=("activations",), max_queue=1, backend=backend)
     assert r.submit_layer(0, "a", _snap((1, 2, 4, 4)), None)
     results = [r.submit_layer(i, "a", _snap((1, 2, 4, 4)), None) for i in range(1, 4)]
     gate.set()
     r.close()
     assert results == [False, False, False] and r.dropped == 3
+    assert [(s.step, s.reason) for s in r.skipped] == [(1, "queue full"), (2, "queue full"), (3, "queue full")]
 
 
 class ListSink:

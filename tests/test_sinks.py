@@ -282,24 +282,6 @@ def _history_rows(run_dir: str) -> list[dict]:
     return rows
 
 
-@pytest.fixture
-def wandb_offline(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    env_before = dict(os.environ)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    yield tmp_path
-    import wandb
-
-    if wandb.run is not None:
-        wandb.run.finish()
-    wandb.teardown()  # stop the wandb service and its threads
-    for k in set(os.environ) - set(env_before):
-        if k.startswith("WANDB"):
-            monkeypatch.delenv(k, raising=False)
-
-
 def _only_run_dir(root: Path) -> str:
     runs = glob.glob(str(root / "wandb" / "offline-run-*"))
     assert len(runs) == 1, runs

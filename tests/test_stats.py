@@ -142,3 +142,23 @@ def test_nan_steps_do_not_count_as_dead_units():
     t = torch.full((2, 3, 2, 2), float("nan"))
     _, _, units, _ = run([t], cdim=1)
     np.testing.assert_array_equal(units[0], [7, 7, 7])  # "fired" (unknown), not left behind
+
+
+def test_sentinel_peek_flags_nonfinite_and_the_bound_but_not_untouched_slots():
+    from lit_probe.stats import StatBuffer
+
+    buf = StatBuffer(4, 4)
+    buf.begin_step(0)
+    buf.observe(0, torch.randn(8, 3), full=False)
+    buf.observe(1, torch.full((2, 2), 5.0), full=False)
+    peeked = buf.peek()
+    assert peeked is not None and peeked[0] == 0 and peeked[2] is None  # CPU: a plain copy, no event
+    assert not StatBuffer.alarm(peeked, bound=1e6)  # slots 2 and 3 never observed: not an alarm
+    assert StatBuffer.alarm(peeked, bound=4.0)  # 5 > 4
+    buf.observe(2, torch.tensor([1.0, float("nan")]), full=False)
+    assert StatBuffer.alarm(buf.peek(), bound=1e6)  # NaN, exactly as min/max see it
+    buf.begin_step(1)
+    buf.observe(3, torch.tensor([float("-inf"), 0.0]), full=False)
+    assert StatBuffer.alarm(buf.peek(), bound=1e6)  # -Inf, in the new row
+    host, _ = buf.read()
+    assert np.isnan(host.dev[0, 2, 4:]).all() and host.dev[1, 3, 4] == -np.inf  # the rows kept their values

@@ -1,0 +1,178 @@
+"""Vocabulary
+==========
+
+The words every stage shares, defined once: signals, streams (one module call, one signal), figure kinds,
+statistic names, metric keys, and "which dimension of an output holds the units".
+
+Stats, detectors, figures and reports import these; none of them guesses on its own. This module imports
+only torch's ``nn`` (for module types).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+__all__ = [
+    "ACTIVATION", "GRADIENT", "SIGNALS", "FIGURE_KINDS", "LOGGED_STATS", "CALL_SEP", "MAX_CALLS",
+    "stream_name", "split_stream", "metric_key", "layout_for_module", "unit_layouts", "unit_dim",
+    "is_relu_like",
+]
+
+#: A module's output.
+ACTIVATION = "activation"
+#: d loss / d output of a module.
+GRADIENT = "gradient"
+SIGNALS = (ACTIVATION, GRADIENT)
+
+#: Figure kinds ``FeatureProbe(figures=...)`` accepts; also file names (``<layer>/<kind>.png``) and W&B keys.
+FIGURE_KINDS = ("activations", "gradients", "histograms", "timeline")
+
+#: Statistics logged per stream at log steps, as ``probe/<stream>/<prefix>_<stat>`` (prefix ``act`` or ``grad``).
+LOGGED_STATS = {ACTIVATION: ("rms", "mean", "absmax", "zero_fraction", "nonfinite"),
+                GRADIENT: ("rms", "mean", "absmax", "nonfinite")}
+_PREFIX = {ACTIVATION: "act", GRADIENT: "grad"}
+
+#: Separator between a module path and its call index: the second call of ``layer1.0.relu`` in a step is the
+#: stream ``layer1.0.relu#1`` (the first call keeps the plain path). ``#`` is valid in file names on every
+#: platform and never appears in a ``named_modules()`` path.
+CALL_SEP = "#"
+#: Calls of one module per step that get a stream of their own; later calls are merged into the last one.
+MAX_CALLS = 4
+
+
+def stream_name(path: str, call: int) -> str:
+    """The stream name of call ``call`` (0-based, within one step) of the module at ``path``."""
+    return path if call == 0 else f"{path}{CALL_SEP}{call}"
+
+
+def split_stream(name: str) -> tuple[str, int]:
+    """``"layer1.0.relu#1"`` -> ``("layer1.0.relu", 1)``; a plain path is call 0."""
+    path, sep, call = name.rpartition(CALL_SEP)
+    if sep and call.isdigit():
+        return path, int(call)
+    return name, 0
+
+
+def metric_key(stream: str, signal: str, stat: str) -> str:
+    """The logger key (without the ``probe/`` prefix) of one statistic of one stream."""
+    return f"{stream}/{_PREFIX[signal]}_{stat}"
+
+
+# ---------------------------------------------------------------------------------------------------- units
+_CHANNELS_FIRST: tuple[type, ...] = (
+    nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm, nn.LocalResponseNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
+)
+_CHANNELS_LAST: tuple[type, ...] = (
+    nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention,
+    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
+    nn.RNNBase,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+# classes outside torch.nn, matched by name (transformers' Conv1D is a Linear with transposed weights)
+_CHANNELS_LAST_NAMES = ("Conv1D", "Linear", "LayerNorm", "RMSNorm", "Attention", "Embedding")
+_CHANNELS_FIRST_NAMES = ("Conv2d", "Conv1d", "Conv3d", "BatchNorm", "GroupNorm")
+
+
+def layout_for_module(module: object) -> str:
+    """Where a module's own output keeps its units, from its type alone.
+
+    Returns:
+        ``"channels_first"`` (``[N, C, ...]``: convolutions, batch/instance/group norms, pooling),
+        ``"channels_last"`` (``[N, F]`` / ``[N, T, F]`` / ``[N, H, W, C]``: linear, layer norm, embeddings,
+        attention, RNNs) or ``"auto"`` (element-wise activations, containers, custom blocks): decided by
+        :func:`unit_layouts` from the modules around it, or by :func:`unit_dim`'s shape rule.
+    """
+    if isinstance(module, _CHANNELS_LAST):
+        return "channels_last"
+    if isinstance(module, _CHANNELS_FIRST):
+        return "channels_first"
+    name = type(module).__name__
+    if isinstance(module, nn.Module) and not any(True for _ in module.children()):
+        if any(w in name for w in _CHANNELS_FIRST_NAMES):
+            return "channels_first"
+        if any(w in name for w in _CHANNELS_LAST_NAMES):
+            return "channels_last"
+    return "auto"
+
+
+def unit_layouts(root: nn.Module | None, names: Sequence[str], modules: Sequence[nn.Module]) -> list[str]:
+    """The unit layout of each probed module, one rule for statistics and figures alike.
+
+    A module whose type tells (:func:`layout_for_module`) uses it. An element-wise module (a ReLU, GELU,
+    dropout, identity) keeps the layout of what feeds it: the nearest leaf before it in definition order
+    whose type tells (a ``GELU`` after a ``Conv1d`` is channels-first, after a ``Linear`` channels-last). A
+    container uses the layout of its last leaf that tells (what it returns).
+    """
+    leaves: list[tuple[str, str]] = []  # (path, layout) of every leaf of root in definition order
+    if root is not None:
+        for path, m in root.named_modules():
+            if not any(True for _ in m.children()):
+                leaves.append((path, layout_for_module(m)))
+    position = {p: k for k, (p, _) in enumerate(leaves)}
+    out = []
+    for name, module in zip(names, modules):
+        own = layout_for_module(module)
+        if own != "auto":
+            out.append(own)
+            continue
+        inner = [layout_for_module(m) for m in module.modules() if not any(True for _ in m.children())]
+        told = [x for x in inner if x != "auto"]
+        if told and any(True for _ in module.children()):
+            out.append(told[-1])  # a container returns what its last telling leaf produced
+            continue
+        k = _leaf_position(position, name)
+        found = "auto"
+        while k is not None and k > 0:
+            k -= 1
+            if leaves[k][1] != "auto":
+                found = leaves[k][1]
+                break
+        out.append(found)
+    return out
+
+
+def _leaf_position(position: dict[str, int], name: str) -> int | None:
+    if name in position:
+        return position[name]
+    for path, k in position.items():  # canonical names drop wrapper segments: match by suffix
+        if path.endswith("." + name) or path.replace("._orig_mod", "") == name:
+            return k
+    return None
+
+
+def unit_dim(layout: str, ndim: int) -> int:
+    """The dimension that holds units in an ``ndim``-dimensional output of the given layout.
+
+    ``channels_first``: 1 (``[N, C, ...]``); ``channels_last``: the last; ``auto``: 1 for 4-D and larger
+    (images), the last for 2-D and 3-D (features, sequences). A 0-D or 1-D output is one unit axis: 0.
+    """
+    if ndim <= 1:
+        return 0
+    if layout == "channels_first":
+        return 1
+    if layout == "channels_last":
+        return ndim - 1
+    return 1 if ndim >= 4 else ndim - 1
+
+
+# ---------------------------------------------------------------------------------------------------- death
+#: Activations whose output is never positive exactly when the unit passes no gradient: "dead" means
+#: "never positive over the window" only for these.
+_RELU_LIKE: tuple[type, ...] = (nn.ReLU, nn.ReLU6)
+
+
+def is_relu_like(module: object) -> bool:
+    """Whether "never positive over the window" means the module's units are dead.
+
+    True for ReLU and ReLU6 (and classes outside ``torch.nn`` named so), whose negative side is flat. False
+    for everything else: SiLU/GELU/LeakyReLU pass gradient for negative inputs; an ``Identity``, a ``Linear``
+    or a normalisation returns pre-activations. A container is judged by what it returns (its last leaf).
+    """
+    if isinstance(module, nn.Module) and any(True for _ in module.children()):
+        leaves = [m for m in module.modules() if not any(True for _ in m.children())]
+        return bool(leaves) and is_relu_like(leaves[-1])
+    return isinstance(module, _RELU_LIKE) or type(module).__name__ in ("ReLU", "ReLU6")
