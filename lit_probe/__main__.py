@@ -169,7 +169,7 @@ def _demo(args: argparse.Namespace) -> int:
         causes = [f for f in findings if f.cause] or list(findings[:1])
         first = causes[0] if causes else None
         if first is not None and (first.layer, first.signal, first.kind) == expected:
-            print(f"\nThe injected bug ({args.bug}) is the first incident, as expected: {kind} {signal} at "
+            print(f"\nThe injected bug ({args.bug}) shows as expected, as the first incident: {kind} {signal} at "
                   f"`{layer}`, from step {first.step}.")
         elif any((f.layer, f.signal, f.kind) == expected for f in findings):
             print(f"\nThe injected bug ({args.bug}) was found ({kind} {signal} at `{layer}`), but not as the first "

@@ -15,46 +15,22 @@ one of these classes is first used.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import numpy as np
-
 from .diagnose import Thresholds
-from .errors import ProbeAlarm, ProbeConfigError
+from .errors import ProbeAlarm, ProbeConfigError, as_list, check_choice, check_int
 from .findings import Finding, group_incidents
 from .mixin import declared_probe_points
 from .output import ProbeOutput, ProbeWarning
 from .selection import no_probes_message, resolve, validate_patterns
+from .trainer import (NoTrainer, check_strategy, finding_state, first_images, is_last_batch, scaler_scale,
+                      strategy_gather)
 from .vocab import ACTIVATION, FIGURE_KINDS, GRADIENT
 
-__all__ = ["ProbeCallback", "FeatureProbe", "ProbeWarning", "lightning_packages"]
-
-#: Strategies whose module wrapping the probe does not follow yet (sharded parameters and outputs).
-_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        none = " or None" if allow_none else ""
-        raise ProbeConfigError(f"`{name}` must be an integer >= {minimum}{none}, got {value!r}.")
-    return int(value)
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
-    if value not in choices:
-        raise ProbeConfigError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
-    return value
-
-
-def _as_list(value: Any) -> list:
-    return [value] if isinstance(value, str) else list(value or [])
-
+__all__ = ["ProbeCallback", "FeatureProbe", "ProbeWarning"]
 
 class ProbeCallback:
     r"""Hook named modules, measure activations and gradients on the device, diagnose, and draw.
@@ -141,33 +117,33 @@ class ProbeCallback:
         gradcam_layers: Optional[list[str]] = None,
     ) -> None:
         super().__init__()
-        self.probes = validate_patterns(_as_list(probes))
-        self.signals = tuple(dict.fromkeys(_as_list(signals)))
+        self.probes = validate_patterns(as_list(probes))
+        self.signals = tuple(dict.fromkeys(as_list(signals)))
         if not self.signals:
             raise ProbeConfigError("`signals` is empty; give 'activation' and/or 'gradient'.")
         for s in self.signals:
-            _check_choice("signals", s, (ACTIVATION, GRADIENT))
-        self.every_n_steps = _check_int("every_n_steps", every_n_steps, 1)
-        self.log_every_n_steps = _check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+            check_choice("signals", s, (ACTIVATION, GRADIENT))
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
         if thresholds is not None and not isinstance(thresholds, Mapping):
             raise ProbeConfigError(f"`thresholds` must be a dict of threshold overrides, got {thresholds!r}.")
         self.thresholds = Thresholds.from_dict(thresholds)
-        self.on_finding = _check_choice("on_finding", on_finding, ("warn", "raise", "stop"))
+        self.on_finding = check_choice("on_finding", on_finding, ("warn", "raise", "stop"))
         if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
             raise ProbeConfigError(f"`save_dir` must be a path or None, got {save_dir!r}.")
         self.save_dir = None if save_dir is None else os.fspath(save_dir)
         self.probe_validation = bool(probe_validation)
-        self.history_size = _check_int("history_size", history_size, 1)
-        self.figure_every_n_steps = _check_int("figure_every_n_steps", figure_every_n_steps, 1, allow_none=True)
-        self.figures = tuple(_check_choice("figures", f, FIGURE_KINDS) for f in _as_list(figures))
-        self.max_figure_layers = _check_int("max_figure_layers", max_figure_layers, 0, allow_none=True)
-        self.max_channels = _check_int("max_channels", max_channels, 1)
-        self.num_samples = _check_int("num_samples", num_samples, 1)
-        self.mode = _check_choice("mode", mode, ("overwrite", "versioned"))
-        self.max_versions = _check_int("max_versions", max_versions, 1, allow_none=True)
+        self.history_size = check_int("history_size", history_size, 1)
+        self.figure_every_n_steps = check_int("figure_every_n_steps", figure_every_n_steps, 1, allow_none=True)
+        self.figures = tuple(check_choice("figures", f, FIGURE_KINDS) for f in as_list(figures))
+        self.max_figure_layers = check_int("max_figure_layers", max_figure_layers, 0, allow_none=True)
+        self.max_channels = check_int("max_channels", max_channels, 1)
+        self.num_samples = check_int("num_samples", num_samples, 1)
+        self.mode = check_choice("mode", mode, ("overwrite", "versioned"))
+        self.max_versions = check_int("max_versions", max_versions, 1, allow_none=True)
         self.log_to_wandb = bool(log_to_wandb)
-        self.flight_recorder_steps = _check_int("flight_recorder_steps", flight_recorder_steps, 1)
-        self.gradcam_layers = validate_patterns(_as_list(gradcam_layers), what="gradcam_layers")
+        self.flight_recorder_steps = check_int("flight_recorder_steps", flight_recorder_steps, 1)
+        self.gradcam_layers = validate_patterns(as_list(gradcam_layers), what="gradcam_layers")
 
         self.points: list[str] = []
         self.findings: list[Finding] = []
@@ -227,7 +203,7 @@ class ProbeCallback:
         self._close()  # a previous fit on the same callback
         self._reset_run_state()
         self.findings, self.skipped_steps = [], []
-        _check_strategy(trainer)
+        check_strategy(trainer)
         patterns = list(dict.fromkeys(self.probes + declared_probe_points(pl_module)))
         if not patterns:
             raise ProbeConfigError(no_probes_message(pl_module))
@@ -235,7 +211,7 @@ class ProbeCallback:
         self.points = [n for n, _ in modules]
         self._gradcam_names = [n for n, _ in resolve(pl_module, self.gradcam_layers)] if self.gradcam_layers else []
         self._log_every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
-        gather = _strategy_gather(trainer) if trainer.world_size > 1 else None
+        gather = strategy_gather(trainer) if trainer.world_size > 1 else None
         ring = min(self._log_every, 256) + 2
         self._session = ProbeSession(modules, signals=self.signals, every_n_steps=self.every_n_steps,
                                      thresholds=self.thresholds, history_size=self.history_size, ring_rows=ring,
@@ -270,7 +246,7 @@ class ProbeCallback:
         step = trainer.global_step
         self._step_at_start = step
         s.begin_step(step)
-        s.record_scale(_scaler_scale(trainer), end=False)
+        s.record_scale(scaler_scale(trainer), end=False)
         fig = self.figure_every_n_steps
         drawing = self._output is not None and self._output.renderer is not None
         if drawing and ((fig is not None and step % fig == 0) or self._capture_next) and self._figure_step != step:
@@ -278,23 +254,23 @@ class ProbeCallback:
             self._figure_step = step
             self._capture_next = False
             if self._gradcam_names:
-                self._gc_images = _first_images(batch, self.num_samples)
+                self._gc_images = first_images(batch, self.num_samples)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         # the GradScaler creates its scale at its first `scale()`, just before this hook: record the scale
         # this backward uses (at batch start of the first step there is none yet)
         s = self._session
         if s is not None and s.collecting:
-            s.record_scale(_scaler_scale(trainer), end=False)
+            s.record_scale(scaler_scale(trainer), end=False)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         s, out = self._session, self._output
         if s is None or out is None:
             return
         s.end_step()
-        s.record_scale(_scaler_scale(trainer), end=True)
+        s.record_scale(scaler_scale(trainer), end=True)
         step = self._step_at_start
-        if trainer.global_step == step and not _is_last_batch(trainer, batch_idx):
+        if trainer.global_step == step and not is_last_batch(trainer, batch_idx):
             return  # gradient accumulation: the step goes on with the next batch
         if self._figure_step == step:
             out.figures(step, s.take_snapshots(), {f.layer for f in self.findings})
@@ -366,7 +342,7 @@ class ProbeCallback:
     def state_dict(self) -> dict[str, Any]:
         if self._session is None:
             return {}
-        return {"session": self._session.state_dict(), "findings": [_finding_state(f) for f in self.findings],
+        return {"session": self._session.state_dict(), "findings": [finding_state(f) for f in self.findings],
                 "version": 2}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -406,7 +382,7 @@ class ProbeCallback:
             if s.buffer.pending:
                 s.end_step()
                 try:
-                    self._flush(_NoTrainer(), s.step)
+                    self._flush(NoTrainer(), s.step)
                 except ProbeAlarm:
                     pass  # already failing or finishing: the finding is recorded and written below
             never = s.never_fired()
@@ -438,100 +414,11 @@ class ProbeCallback:
         self._output = None
 
 
-# ---------------------------------------------------------------------- Lightning, both packages
-def lightning_packages() -> list[str]:
-    """The Lightning packages installed, ``lightning`` (``lightning.pytorch``) first."""
-    from importlib.util import find_spec
-
-    return [p for p in ("lightning", "pytorch_lightning") if find_spec(p) is not None]
-
-
-def _callback_base(package: str) -> type:
-    module = importlib.import_module("lightning.pytorch" if package == "lightning" else "pytorch_lightning")
-    return module.Callback
-
-
-def make_feature_probe(packages: Sequence[str], module: str) -> type:
-    """``ProbeCallback`` joined with the ``Callback`` of each of ``packages``, as ``<module>.FeatureProbe``."""
-    if not packages:
-        raise ImportError("lit_probe.FeatureProbe needs PyTorch Lightning: `pip install lit-probe[lightning]` "
-                          "(the `lightning` package) or `pip install lit-probe[pytorch-lightning]`.")
-    bases = (ProbeCallback,) + tuple(_callback_base(p) for p in packages)
-    cls = type("FeatureProbe", bases, {"__module__": module, "__doc__": ProbeCallback.__doc__})
-    cls.__qualname__ = "FeatureProbe"
-    return cls
-
-
 def __getattr__(name: str) -> Any:
     if name == "FeatureProbe":  # built on first use, cached: a subclass of every installed Lightning's Callback
+        from .packages import lightning_packages, make_feature_probe
+
         cls = make_feature_probe(lightning_packages(), __name__)
         globals()["FeatureProbe"] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ---------------------------------------------------------------------- helpers (no state)
-class _NoTrainer:
-    """A stand-in trainer for the last flush at fit end (nothing left to stop)."""
-
-    should_stop = False
-
-
-def _check_strategy(trainer: Any) -> None:
-    name = type(getattr(trainer, "strategy", None)).__name__
-    if any(word in name for word in _UNSUPPORTED_STRATEGIES):
-        raise ProbeConfigError(
-            f"lit_probe does not support the {name} strategy yet: sharded modules and outputs are not followed. "
-            "It works on one device and with DDP (`strategy='ddp'`, `'ddp_spawn'`, `'ddp_notebook'`, "
-            "`'ddp_find_unused_parameters_true'`), on CPU and GPU; see the README's compatibility table.")
-
-
-def _strategy_gather(trainer: Any) -> Any:
-    """Every rank's packed statistics through ``trainer.strategy.all_gather`` (two collectives: sizes, data)."""
-    import torch
-
-    strategy = trainer.strategy
-    device = strategy.root_device
-
-    def gather(vec: np.ndarray) -> list[np.ndarray]:
-        t = torch.as_tensor(vec, dtype=torch.float64).to(device)
-        sizes = strategy.all_gather(torch.tensor([t.numel()], device=device)).reshape(-1).cpu().tolist()
-        padded = torch.zeros(int(max(sizes)), dtype=torch.float64, device=device)
-        padded[:t.numel()] = t
-        rows = strategy.all_gather(padded).reshape(len(sizes), -1).cpu().numpy()
-        return [rows[r, :int(n)] for r, n in enumerate(sizes)]
-
-    return gather
-
-
-def _finding_state(f: Finding) -> dict:
-    """A Finding as checkpoint-safe primitives (loads with ``weights_only=True``)."""
-    return {"step": int(f.step), "layer": f.layer, "signal": f.signal, "kind": f.kind, "value": float(f.value),
-            "threshold": float(f.threshold), "message": f.message, "stat": f.stat, "incident": int(f.incident),
-            "cause": bool(f.cause)}
-
-
-def _first_images(batch: Any, n: int) -> Any:
-    """The first ``[N, C, H, W]`` floating tensor of a batch (images), its first ``n`` samples."""
-    from .hooks import iter_tensors
-
-    for t in iter_tensors(batch):
-        if t.dim() == 4 and t.shape[1] in (1, 3, 4):
-            return t[:n].detach()
-    return None
-
-
-def _is_last_batch(trainer: Any, batch_idx: int) -> bool:
-    n = trainer.num_training_batches
-    return isinstance(n, int) and batch_idx + 1 >= n
-
-
-def _scaler_scale(trainer: Any) -> Any:
-    """The GradScaler's scale tensor (a device tensor: reading it costs no host sync), if any."""
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
-        return None
-    import torch
-
-    scale = getattr(scaler, "_scale", None)
-    return scale if isinstance(scale, torch.Tensor) else None

@@ -185,13 +185,13 @@ def diagnose(state: Diagnosis, d: Derived, units: Mapping[int, np.ndarray] | Non
     if units and len(d):
         st, f = find_dead(st, int(d.steps[-1]), units, first_seen or {}, streams, t)
         out += f
-    position = {}
+    position = {}  # (step, stream, signal) -> place in that step's execution order
     for i in range(len(d)):
         for k, slot in enumerate(d.order[i] if i < len(d.order) else []):
-            position.setdefault((int(d.steps[i]), names[slot]), k)
+            position.setdefault((int(d.steps[i]), names[slot], signals[slot]), k)
     rank = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead": 3}
-    return st, sorted(out, key=lambda f: (f.step, f.signal != "activation", position.get((f.step, f.layer), 1e9),
-                                          rank.get(f.kind, 9)))
+    return st, sorted(out, key=lambda f: (f.step, f.signal != "activation",
+                                          position.get((f.step, f.layer, f.signal), 1e9), rank.get(f.kind, 9)))
 
 
 def _skipped(d: Derived, i: int) -> bool:

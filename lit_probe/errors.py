@@ -7,7 +7,12 @@ already catches ``ValueError`` around trainer set-up keeps working.
 
 from __future__ import annotations
 
-__all__ = ["ProbeError", "ProbeConfigError", "ProbeSelectionError", "ProbeAlarm"]
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+
+__all__ = ["check_int", "check_choice", "as_list", "ProbeError", "ProbeConfigError", "ProbeSelectionError", "ProbeAlarm"]
 
 
 class ProbeError(Exception):
@@ -35,3 +40,23 @@ class ProbeAlarm(ProbeError, RuntimeError):
 
     def __reduce__(self):  # keep the findings when the alarm crosses a process boundary (ddp_spawn)
         return (type(self), (self.args[0] if self.args else "", self.findings))
+
+
+# ---------------------------------------------------------------------- argument checks (construction time)
+def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        none = " or None" if allow_none else ""
+        raise ProbeConfigError(f"`{name}` must be an integer >= {minimum}{none}, got {value!r}.")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices:
+        raise ProbeConfigError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
+    return value
+
+
+def as_list(value: Any) -> list:
+    return [value] if isinstance(value, str) else list(value or [])

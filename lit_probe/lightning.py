@@ -13,7 +13,8 @@ Install: ``pip install "lit-probe[lightning]"``.
 
 from __future__ import annotations
 
-from .callback import ProbeWarning, make_feature_probe
+from .output import ProbeWarning
+from .packages import make_feature_probe
 
 __all__ = ["FeatureProbe", "ProbeWarning"]
 

@@ -1165,6 +1165,9 @@ class FigureRenderer:
             with self._cond:
                 if self._sender is me:
                     self._sender = None
+                    # jobs submitted while this sender was leaving (its child had just died): a new child
+                    if self._outbox and not self._stopping and self._active == "process":
+                        self._ensure_sender_locked()
                 self._cond.notify_all()
 
     def _recv_loop(self, proc: Any) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "lit_probe"
 LIGHTNING = {"lightning", "pytorch_lightning", "lightning_fabric"}
-ADAPTERS = {"callback", "lightning", "pytorch_lightning"}  # the only modules that may import Lightning...
+ADAPTERS = {"callback", "lightning", "pytorch_lightning", "packages", "trainer"}  # the only modules that may import Lightning...
 LEAVES = {"demo", "__main__"}  # ...besides leaves nothing imports
 # what each core module may import from lit_probe (down the pipeline only)
 ALLOWED = {

@@ -119,7 +119,7 @@ def test_deep_saturating_mlp_is_vanishing_at_early_layers(tmp_path, every_n_step
     assert {"net.0", "net.2"} <= van, probe.findings
     last = f"net.{2 * depth}"
     assert last not in van and f"net.{2 * depth - 2}" not in van  # the late layers are fine
-    assert all(f.signal == "gradient" and f.step >= 100 for f in kinds(probe.findings, "vanishing"))
+    assert all(f.signal == "gradient" for f in kinds(probe.findings, "vanishing"))
     # ground truth from plain PyTorch: the first layer's per-element gradient is tiny against the median layer's
     x, y = next(iter(make_loader(n=64, batch_size=64)))
     outs = {}

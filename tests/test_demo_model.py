@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +39,11 @@ def _train(model: DemoCNN, steps: int, layers: list[str], batch_size: int = 64, 
                          "fired": (flat > 0).any(1)}
             order.append(name)
             if grads and out.requires_grad:
-                out.register_hook(lambda g: cur[name].__setitem__("grad_l2", float(g.norm())))
+                def keep(g, name=name):
+                    cur[name]["grad_l2"] = float(g.norm())
+                    cur[name]["grad_absmax"] = float(g.abs().max())
+
+                out.register_hook(keep)
         return hook
 
     handles = [mods[n].register_forward_hook(make(n)) for n in layers]
@@ -173,14 +178,60 @@ def test_exploding_grows_before_nonfinite():
     assert head_over and over[0] <= head_over[0]  # block3.conv crosses no later than the logits
 
 
+def test_exploding_first_symptom_is_the_gradient_into_block3():
+    """EXPECTED["exploding"] from plain hooks and the README's rule (max |value| > 1e6, or > 1000x the stream's
+    running median of the earlier steps once 5 are known): the first stream to cross, in time, is the gradient
+    flowing into block3 (d loss / d block2.act, driven by block3's growing weights), one step before
+    block3.conv's output passes 1e6."""
+    from lit_probe.demo import DEFAULT_PROBES, EXPECTED
+
+    layers = ["stem", "block1", "block2.act", "block3.conv", "block3.act", "head"]
+    hist = _train(DemoCNN(bug="exploding"), 8, layers, grads=True)
+
+    def first_crossing(series: list[float]) -> int:
+        for s, v in enumerate(series):
+            past = series[:s]
+            if v > 1e6 or (len(past) >= 5 and v > 1000 * float(np.median(past))):
+                return s
+        return 10 ** 9
+
+    crossing = {}
+    for name in layers:
+        crossing[(name, "activation")] = first_crossing([rec[name]["absmax"] for rec, _ in hist])
+        crossing[(name, "gradient")] = first_crossing([rec[name].get("grad_absmax", 0.0) for rec, _ in hist])
+    first = min(crossing.values())
+    assert crossing[("block2.act", "gradient")] == first, crossing
+    assert crossing[("block3.conv", "activation")] == first + 1, crossing
+    assert EXPECTED["exploding"] == ("block2.act", "gradient", "exploding") and "block2.act" in DEFAULT_PROBES
+
+
 def test_vanishing_gradient_at_first_sigmoid():
     hist = _train(DemoCNN(bug="vanishing"), 3, ["stem", "deep.1", "deep.15", "head"], grads=True)
     for rec, _ in hist:
         assert rec["deep.1"]["grad_l2"] < 1e-3 * rec["deep.15"]["grad_l2"]
-        assert rec["stem"]["grad_l2"] > 1e-2 * rec["deep.15"]["grad_l2"]  # the main path is healthy
+        assert rec["stem"]["grad_l2"] < 1e-3 * rec["deep.15"]["grad_l2"]  # nothing below the stack learns
     hist = _train(DemoCNN(bug="none"), 3, ["stem", "deep.1", "head"], grads=True)
     for rec, _ in hist:
         assert rec["deep.1"]["grad_l2"] > 1e-2 * rec["head"]["grad_l2"]
+
+
+def test_vanishing_cause_is_the_highest_sigmoid_whose_gradient_envelope_vanished():
+    """EXPECTED["vanishing"] from plain hooks: the gradient envelope of a Sigmoid (its own norm and every
+    gradient below it: the lower Sigmoids and the conv body) is < 1e-4 x the step's largest at deep.5, and not at
+    deep.7: the highest vanished stream, where the probe's vanishing incident starts."""
+    from lit_probe.demo import EXPECTED
+
+    sig = [f"deep.{k}" for k in range(1, 16, 2)]
+    below = ["stem", "block1", "block2.act", "block3.act"]
+    hist = _train(DemoCNN(bug="vanishing"), 5, below + sig + ["head"], grads=True)
+    for rec, _ in hist[1:]:
+        top = max(r["grad_l2"] for r in rec.values())
+
+        def envelope(k: int) -> float:
+            return max(rec[n]["grad_l2"] for n in below + sig[:k + 1]) / top
+
+        assert envelope(sig.index("deep.5")) < 1e-4 <= envelope(sig.index("deep.7"))
+    assert EXPECTED["vanishing"] == ("deep.5", "gradient", "vanishing")
 
 
 def test_healthy_has_no_symptom():

@@ -158,3 +158,11 @@ def test_incidents_group_one_root_cause_and_drop_contradictions():
 def test_threshold_validation(bad):
     with pytest.raises(ProbeConfigError):
         Thresholds.from_dict(bad)
+
+
+def test_gradient_findings_of_one_step_come_in_backward_order():
+    am = np.ones((1, 6))
+    am[0, [1, 3, 5]] = 2e6  # every gradient explodes at step 0
+    backward = [[0, 2, 4, 5, 3, 1]]  # forward a, b, c; backward c, b, a
+    _, f = diagnose(rows([0], absmax=am, order=backward))
+    assert [(x.layer, x.signal) for x in f] == [("c", "gradient"), ("b", "gradient"), ("a", "gradient")]

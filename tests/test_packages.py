@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lit_probe
-from lit_probe.callback import ProbeCallback, lightning_packages
+from lit_probe.callback import ProbeCallback
+from lit_probe.packages import lightning_packages
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}

@@ -91,6 +91,16 @@ def _first_finding(probe: FeatureProbe):
     return probe.findings[0] if probe.findings else None
 
 
+def _record(model: str, bug: str, oracle: str, probe: str) -> None:
+    """With LIT_PROBE_ZOO_TABLE=<file>: one JSON line per checked case (the README's zoo table is made from it)."""
+    path = os.environ.get("LIT_PROBE_ZOO_TABLE")
+    if path:
+        import json
+
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"model": model, "bug": bug, "oracle": oracle, "probe": probe}) + "\n")
+
+
 def _probe() -> FeatureProbe:
     return FeatureProbe(probes=["net.**"], figure_every_n_steps=None, log_every_n_steps=10)
 
@@ -123,6 +133,7 @@ def test_healthy_real_model_has_no_findings(name, backend, tmp_path):
     module, _ = _fit(zoo.ZOO[name], backend, tmp_path, HEALTHY_STEPS, probe, oracle=False)
     assert len(module.losses) == HEALTHY_STEPS and all(math.isfinite(x) for x in module.losses)
     assert probe.findings == [], f"{name}: a healthy run produced findings:\n{_describe(probe.findings)}"
+    _record(name, f"healthy, {HEALTHY_STEPS} steps, {len(probe.points)} modules", "-", "no finding")
 
 
 # ------------------------------------------------------------------------------------------ bugs: NaN
@@ -152,6 +163,8 @@ def test_injected_nan_is_found_at_the_oracles_first_call_and_step(name, backend,
     grad = [f for f in probe.findings if f.kind == "nonfinite" and f.signal == "gradient"]
     assert grad, _describe(probe.findings)
     assert grad[0].step == want_grad[0] and grad[0].layer in tied, (tied, _describe(probe.findings))
+    _record(name, f"NaN in `{zoo.NAN_AT[name]}` at step {zoo.NAN_STEP}", f"`{want_act[1]}` step {want_act[0]}",
+            f"nonfinite `{first.layer}` step {first.step}")
 
 
 # ------------------------------------------------------------------------------------------ bugs: dead
@@ -198,6 +211,8 @@ def _check_dead(probe: FeatureProbe, orc: zoo.Oracle, label: str) -> None:
     assert not before, (f"{label}: dead findings before the oracle's first dead call {call}", _describe(before))
     wrong = [g for g in dead if g.layer in alive]
     assert not wrong, (f"{label}: reported dead, but firing in every window per the oracle", _describe(wrong))
+    _record(label, "dead block" if label in zoo.KILL_AT else "real dying", f"`{call}` window to step {step}",
+            f"dead `{f.layer}` step {f.step} ({f.value:.0%})")
 
 
 def _check_first_incident_dead(probe: FeatureProbe, orc: zoo.Oracle, label: str) -> None:
@@ -275,6 +290,9 @@ def test_exploding_learning_rate_is_found_first_where_the_oracle_says(tmp_path):
     tied = orc.tied_in_backward(*gnan)
     gfind = [f for f in probe.findings if f.kind == "nonfinite" and f.signal == "gradient"]
     assert gfind and gfind[0].step == gnan[0] and gfind[0].layer in tied, (gnan, tied, _describe(gfind))
+    _record("resnet18", "SGD lr=50", f"explodes `{boom[1]}` step {boom[0]}; NaN `{nan[1]}` step {nan[0]}",
+            f"exploding `{first.layer}` step {first.step}; nonfinite `{nonfinite[0].layer}` step "
+            f"{nonfinite[0].step}")
 
 
 # ------------------------------------------------------------------------------------------ bugs: vanishing
@@ -309,3 +327,5 @@ def test_vanishing_stack_is_found_within_the_oracles_vanished_layers(name, backe
         (sorted(vanished), _describe(probe.findings))
     wrong = [f for f in probe.findings if f.kind == "vanishing" and f.layer not in vanished]
     assert not wrong, _describe(wrong)
+    _record(name, "vanishing stack", f"{len(vanished)} vanished streams, from `net.{linear[0]}`",
+            f"vanishing `{first.layer}` step {first.step} (+{len(probe.findings) - 1} more)")
