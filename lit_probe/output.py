@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -212,6 +211,8 @@ class ProbeOutput:
         """End of the run (fit end or failure): bounded wait for figures, then summary, incidents, report."""
         if not self.is_zero:
             return
+        if findings and len(findings) != self._findings_pushed:
+            self._push_findings(findings, step)  # the table of every finding, once more at the end
         if self.renderer is not None:
             r, self.renderer = self.renderer, None
             try:
@@ -219,25 +220,22 @@ class ProbeOutput:
                     r.submit_timeline(step, final_timeline.names, final_timeline.steps, final_timeline.act_rms,
                                       final_timeline.grad_rms, final_timeline.dead, final_timeline.marks,
                                       urgent=True)  # ahead of the queue: the fit-end time bound never drops it
-                start = time.monotonic()
                 r.close(CLOSE_TIMEOUT_S)
-                r.flush_sinks()
+                r.flush_sinks()  # every sink once, W&B included
                 lines = list(getattr(r, "skipped_summary", lambda: [])())
                 if not lines and getattr(r, "dropped", 0):
                     lines = [f"{r.dropped} figure job(s) not drawn (queue full or fit-end timeout)"]
                 self.skipped += lines
                 for line in lines:
                     self.say(f"lit_probe: {line}")
-                log.debug("lit_probe: figures finished in %.1f s", time.monotonic() - start)
             except Exception as err:
                 self.say(f"lit_probe: figure output failed at the end ({err}).")
-        for sink in self._wandb:
-            try:
-                if findings and len(findings) != self._findings_pushed:
-                    self._push_findings(findings, step)
-                sink.flush()
-            except Exception as err:
-                self.say(f"lit_probe: could not push to W&B at the end ({err}).")
+        else:
+            for sink in self._wandb:
+                try:
+                    sink.flush()
+                except Exception as err:
+                    self.say(f"lit_probe: could not push to W&B at the end ({err}).")
         self._write_final(findings, extra_lines)
 
     # ------------------------------------------------------------------ files

@@ -163,8 +163,11 @@ class DiskSink:
         self.written = 0
         self._escaped: set[str] = set()
         self._lock = threading.Lock()
-        self._current: dict[tuple[str, str], tuple[int, Path]] = {}  # (layer, figure) -> (step, file)
-        self._kept_before: set[str] = set()
+        # (layer, figure) -> (step, png) of the last two figures written: the one before may be needed as
+        # `_before` when a finding arrives after a later figure step (figures are drawn while training goes on)
+        self._recent: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
+        self._before_step: dict[str, int] = {}  # layer -> step of its first non-finite/exploding finding
+        self._kept: dict[tuple[str, str], int] = {}  # (layer, figure) -> step its `_before` file shows
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -216,7 +219,10 @@ class DiskSink:
                 parent.mkdir(exist_ok=True)
                 target = parent / path.name
                 atomic_write_bytes(target, png)
-                self._current[(layer, figure)] = (int(step), target)
+                recent = self._recent.setdefault((layer, figure), [])
+                recent[:] = (recent + [(int(step), png)])[-2:]
+                if layer in self._before_step:
+                    self._keep_locked(layer, figure, parent)
                 self.written += 1
                 if self.mode == "versioned" and self.max_versions is not None:
                     self._prune(parent, safe_name(figure))
@@ -225,29 +231,28 @@ class DiskSink:
                 self._disable(exc)
                 return None
 
-    def keep_before(self, layer: str, step: int) -> list[Path]:
-        """Keep the layer's figures drawn before ``step`` as ``<figure>_before.png`` (once per layer): the last
-        readable picture before a non-finite or exploding finding, which later figures would overwrite.
-
-        Returns:
-            the files written (none when the layer has no figure from before ``step``, or kept one already).
-        """
-        out: list[Path] = []
-        if self.disabled or layer in self._kept_before:
-            return out
+    def keep_before(self, layer: str, step: int) -> None:
+        """Keep the layer's last figures drawn before ``step`` as ``<figure>_before.png``: the last readable
+        picture before a non-finite or exploding finding, which later figures would overwrite. The first such
+        step of a layer counts; figures still being drawn are kept as they arrive."""
+        if self.disabled or layer in self._before_step:
+            return
         with self._lock:
-            for (lay, fig), (st, path) in list(self._current.items()):
-                if lay != layer or st >= step or fig.endswith("_before"):
-                    continue
-                try:
-                    dest = path.with_name(f"{safe_name(fig)}_before.png")
-                    atomic_write_bytes(dest, path.read_bytes())
-                    out.append(dest)
-                except OSError:
-                    continue
-            if out:
-                self._kept_before.add(layer)
-        return out
+            self._before_step[layer] = int(step)
+            for (lay, fig) in list(self._recent):
+                if lay == layer:
+                    try:
+                        self._keep_locked(layer, fig, self.path_for(layer, fig, 0).parent)
+                    except OSError:
+                        continue
+
+    def _keep_locked(self, layer: str, figure: str, directory: Path) -> None:
+        limit = self._before_step[layer]
+        older = [(st, png) for st, png in self._recent.get((layer, figure), []) if st < limit]
+        if not older or self._kept.get((layer, figure), -1) >= older[-1][0]:
+            return
+        atomic_write_bytes(directory / f"{safe_name(figure)}_before.png", older[-1][1])
+        self._kept[(layer, figure)] = older[-1][0]
 
     def _warn_escape(self, layer: str, parent: Path) -> None:
         if layer in self._escaped:

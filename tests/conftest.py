@@ -82,8 +82,16 @@ def wandb_offline(tmp_path, monkeypatch):
             monkeypatch.delenv(k, raising=False)
 
 
+#: Files whose tests each take several seconds (whole demo runs, examples, subprocess installs, benchmarks).
+_SLOW_FILES = {"test_demo_cli.py", "test_examples.py", "test_benchmark_smoke.py", "test_packages.py"}
+#: Single tests of several seconds in otherwise fast files (hundreds of training steps).
+_SLOW_TESTS = ("saturating_mlp", "memory_is_flat", "versioned_mode_and_max_versions", "documented_cli_command",
+               "composed_demo_and_probe", "versioned_wandb_config_runs", "weight_scaled_by_1e6")
+
+
 def pytest_collection_modifyitems(config, items):
-    # `pytest -m "not slow"` is the everyday subset: DDP processes and the real-model zoo count as slow
+    # `pytest -m "not slow"` is the everyday subset: DDP processes, the real-model zoo and the tests above
     for item in items:
-        if item.get_closest_marker("ddp") or item.get_closest_marker("zoo"):
+        if item.get_closest_marker("ddp") or item.get_closest_marker("zoo") or item.path.name in _SLOW_FILES \
+                or any(word in item.name for word in _SLOW_TESTS):
             item.add_marker(pytest.mark.slow)

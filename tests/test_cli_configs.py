@@ -165,3 +165,26 @@ def test_callbacks_as_json_on_the_command_line(tmp_path, monkeypatch):
     probe = _probe(cli)
     assert probe.points == ["block2.act", "block3.conv", "block3.bn", "block3.norm_div", "block3.act"]
     assert (tmp_path / "p" / "summary.md").is_file()
+
+
+def test_the_documented_cli_command_runs_again_and_again(tmp_path, monkeypatch):
+    """`python examples/train_cli.py fit --config configs/demo.yaml --config configs/probe_versioned_wandb.yaml`
+    twice in one directory: the saved config.yaml is overwritten, not refused."""
+    import runpy
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    main = runpy.run_path(str(CONFIGS.parent / "examples" / "train_cli.py"))["main"]
+    args = ["fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "probe_versioned_wandb.yaml"),
+            "--trainer.max_steps=2", "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks.init_args.figure_every_n_steps=null"]
+    try:
+        for _ in range(2):
+            cli = main(args)
+            assert cli.trainer.global_step == 2
+    finally:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

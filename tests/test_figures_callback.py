@@ -132,3 +132,26 @@ def test_gradcam_layers_unknown_path_fails_at_start(tmp_path):
     p = FeatureProbe(probes=["net.conv1"], gradcam_layers=["net.bn3"])
     with pytest.raises(ProbeConfigError, match="net.bn2"):
         trainer(tmp_path, callbacks=[p], max_steps=2).fit(Classifier(TinyCNN()), make_loader(image=(3, 8, 8)))
+
+
+def test_the_last_figure_before_a_nan_is_kept_beside_the_current_one(tmp_path):
+    """Overwrite mode: after the NaN finding, `<figure>_before.png` holds the layer's last figure drawn before
+    the finding's step; later figures (all NaN) overwrite only `<figure>.png`."""
+    from test_bugs import NaNAt, StepAware
+
+    from models import mlp
+
+    torch.manual_seed(0)
+    net = mlp(depth=3)
+    net[2] = NaNAt(32, k=7)
+    p = FeatureProbe(probes=["net.*"], every_n_steps=1, figure_every_n_steps=3, figures=("activations",),
+                     save_dir=str(tmp_path / "probe"), log_every_n_steps=5)
+    with pytest.warns(Warning):
+        trainer(tmp_path, callbacks=[p], max_steps=12).fit(StepAware(net), make_loader(n=192))
+    assert (p.findings[0].layer, p.findings[0].step) == ("net.2", 7)
+    layer_dir = tmp_path / "probe" / "net.2"
+    before = png_ok(layer_dir / "activations_before.png")
+    after = png_ok(layer_dir / "activations.png")
+    assert before.shape != after.shape or not np.array_equal(before, after)
+    magenta = lambda a: ((a[..., 0] > 200) & (a[..., 1] < 60) & (a[..., 2] > 200)).mean()  # noqa: E731
+    assert magenta(before) < 0.01 < magenta(after)  # NaN cells only in the figure from after the bug

@@ -393,3 +393,29 @@ def test_tensorboard_sink_writes_image_events(tmp_path):
     assert (events[0].width, events[0].height) == (64, 48)
     img = Image.open(io.BytesIO(events[0].encoded_image_string))
     assert img.size == (64, 48)
+
+
+def test_findings_reach_wandb_with_figures_off_at_the_log_step_that_found_them(wandb_offline):
+    """Figures off (`figure_every_n_steps=None`): the findings table still goes to W&B, while training runs, at
+    the log step that found the finding (not only at fit end)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    from lit_probe import FeatureProbe
+    from models import make_loader, trainer
+    from test_bugs import NaNAt, StepAware
+    from models import mlp
+
+    tmp_path = wandb_offline
+    net = mlp(depth=3)
+    net[2] = NaNAt(32, k=6)  # a NaN in net.2 at step 6
+    logger = WandbLogger(project="t", save_dir=str(tmp_path), offline=True)
+    probe = FeatureProbe(probes=["net.*"], figure_every_n_steps=None, save_dir=str(tmp_path / "p"),
+                         log_every_n_steps=4)
+    with pytest.warns(Warning):
+        trainer(tmp_path, callbacks=[probe], max_steps=20, logger=logger).fit(StepAware(net),
+                                                                              make_loader(n=320))
+    logger.experiment.finish()
+    rows = _history_rows(_only_run_dir(tmp_path))
+    steps = [int(r["trainer/global_step"]) for r in rows if any(k.startswith("probe/findings") for k in r)]
+    assert steps and steps[0] == 7, steps  # the log step after step 6 (steps 4..7 are read at step 7)
+    assert probe.findings[0].layer == "net.2" and probe.findings[0].step == 6

@@ -162,3 +162,25 @@ def test_sentinel_peek_flags_nonfinite_and_the_bound_but_not_untouched_slots():
     assert StatBuffer.alarm(buf.peek(), bound=1e6)  # -Inf, in the new row
     host, _ = buf.read()
     assert np.isnan(host.dev[0, 2, 4:]).all() and host.dev[1, 3, 4] == -np.inf  # the rows kept their values
+
+
+def test_statistics_and_figures_agree_on_the_units_of_a_relu_after_a_conv1d():
+    """One rule for "which dimension holds the units" (lit_probe.vocab): a ReLU after a Conv1d has the Conv1d's
+    channels as units, for the dead-unit windows and for the figure's layout alike."""
+    from torch import nn
+
+    from lit_probe import ProbeSession
+
+    model = nn.Sequential(nn.Conv1d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 14, 5), nn.GELU())
+    with ProbeSession.from_model(model, ["0", "1", "3", "4"], every_n_steps=1) as s:
+        s.begin_step(0)
+        s.request_snapshots(1, 64)
+        model(torch.randn(4, 3, 16)).sum().backward()
+        s.end_step()
+        snaps = {x.name: x for x in s.take_snapshots()}
+        s.flush()
+    assert s.layouts == ["channels_first", "channels_first", "channels_last", "channels_last"]
+    relu = s.slot_of("1", "activation")
+    assert s.units[relu].size == 6  # the Conv1d's channels, not the 14 positions
+    assert snaps["1"].layout == "channels_first" and snaps["1"].activation.shape == (1, 6, 14)
+    assert s.dead_judged[relu] and not s.dead_judged[s.slot_of("4", "activation")]  # ReLU yes, GELU no
