@@ -74,6 +74,8 @@ class ProbeCallback:
         gradcam_layers: at figure steps, Grad-CAM maps (predicted class) of the first ``num_samples`` input
             images for these layers (conv-like outputs), overlaid on the images (``<layer>/gradcam.png``),
             computed in an extra eval-mode pass whose module modes and RNG are restored exactly.
+        figure_wait_s: seconds fit end (or a failure) waits for figures still being drawn; what is left is not
+            drawn and is listed in the log and ``summary.md``. ``None``: wait for all of them.
 
     Raises:
         ProbeConfigError: for an invalid argument (at construction), or, when fit starts, for a probe path that
@@ -115,6 +117,7 @@ class ProbeCallback:
         log_to_wandb: bool = True,
         flight_recorder_steps: int = 200,
         gradcam_layers: Optional[list[str]] = None,
+        figure_wait_s: Optional[float] = 10.0,
     ) -> None:
         super().__init__()
         self.probes = validate_patterns(as_list(probes))
@@ -144,6 +147,10 @@ class ProbeCallback:
         self.log_to_wandb = bool(log_to_wandb)
         self.flight_recorder_steps = check_int("flight_recorder_steps", flight_recorder_steps, 1)
         self.gradcam_layers = validate_patterns(as_list(gradcam_layers), what="gradcam_layers")
+        wait = figure_wait_s
+        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0):
+            raise ProbeConfigError(f"`figure_wait_s` must be a number of seconds >= 0 or None, got {wait!r}.")
+        self.figure_wait_s = None if figure_wait_s is None else float(figure_wait_s)
 
         self.points: list[str] = []
         self.findings: list[Finding] = []
@@ -228,7 +235,8 @@ class ProbeCallback:
             self._out_dir, trainer.loggers, is_zero=trainer.is_global_zero, figures=self.figures,
             figure_every_n_steps=self.figure_every_n_steps, max_figure_layers=self.max_figure_layers,
             max_channels=self.max_channels, mode=self.mode, max_versions=self.max_versions,
-            log_to_wandb=self.log_to_wandb, flight_recorder_steps=self.flight_recorder_steps)
+            log_to_wandb=self.log_to_wandb, flight_recorder_steps=self.flight_recorder_steps,
+            close_timeout=self.figure_wait_s)
         self._output.start(self.findings)
         compiled = [n for n, m in pl_module.named_modules() if type(m).__name__ == "OptimizedModule"]
         if compiled:
@@ -274,6 +282,7 @@ class ProbeCallback:
             return  # gradient accumulation: the step goes on with the next batch
         if self._figure_step == step:
             out.figures(step, s.take_snapshots(), {f.layer for f in self.findings})
+            out.timeline(step, s.timeline(self.findings))
             if self._gc_images is not None:
                 images, self._gc_images = self._gc_images, None
                 self._draw_gradcam(pl_module, images, step)
@@ -398,7 +407,7 @@ class ProbeCallback:
                 if not failed:
                     out.say(f"lit_probe: {len(never)} probed layer(s) never ran during training (bypassed by a "
                             f"direct `.forward()` call, unused, or compiled away): {', '.join(never[:10])}.")
-            out.close(self.findings, lines, s.timeline(), max(s.step, 0))
+            out.close(self.findings, lines, s.timeline(self.findings), max(s.step, 0))
         finally:
             self._close()
 

@@ -473,7 +473,8 @@ def _fit_demo(out: Path, steps: int, bug: str, wandb: str, mode: str, seed: int,
     model = DemoCNN(bug=bug, seed=seed, bug_step=demo_bug_step(steps))  # type: ignore[arg-type]
     data = ShapesDataModule(seed=seed)
     probe = FeatureProbe(probes=DEFAULT_PROBES, save_dir=str(out / "probe"), mode=mode,  # type: ignore[arg-type]
-                         figure_every_n_steps=fig_every, log_to_wandb=wandb != "disabled")
+                         figure_every_n_steps=fig_every, log_to_wandb=wandb != "disabled",
+                         figure_wait_s=120.0)  # the demo shows every figure it made
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=loggers, callbacks=[probe],
                          default_root_dir=str(out), log_every_n_steps=DEMO_LOG_EVERY_N_STEPS,
                          limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,

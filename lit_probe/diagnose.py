@@ -42,8 +42,9 @@ class Thresholds:
     Attributes:
         dead_fraction: a ReLU-like stream (ReLU, ReLU6, or a container returning one) is *dead* when at least
             this fraction of its units (channels of conv-like outputs, features of linear/sequence outputs)
-            was never positive over ``dead_window`` training steps. Other layers are not judged: a SiLU, GELU,
-            identity or linear output is negative without being dead. Default 0.5.
+            was never positive over ``dead_window`` training steps; streams of fewer than 16 units need at least
+            0.9, streams of fewer than 4 are not judged. Other layers are not judged: a SiLU, GELU, identity or
+            linear output is negative without being dead. Default 0.5.
         dead_window: the window, in training steps, over which a unit must fire at least once. Default 20.
         exploding_absmax: an activation or gradient whose largest absolute value exceeds this is
             *exploding*. Default 1e6.

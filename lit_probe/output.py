@@ -50,12 +50,14 @@ class ProbeOutput:
         log_to_wandb: push figures and findings to a ``WandbLogger`` of the trainer (or an active run).
         flight_recorder_steps: rows of history written to ``flight_recorder_step<step>.csv`` on a finding.
         warn: emit a :class:`ProbeWarning` per finding (rate-limited).
+        close_timeout: seconds the end of the run waits for queued figures (``None``: all of them).
     """
 
     def __init__(self, out_dir: Path, loggers: Sequence[Any], *, is_zero: bool, figures: Sequence[str] = (),
                  figure_every_n_steps: int | None = None, max_figure_layers: int | None = 16,
                  max_channels: int = 64, mode: str = "overwrite", max_versions: int | None = None,
-                 log_to_wandb: bool = True, flight_recorder_steps: int = 200, warn: bool = True) -> None:
+                 log_to_wandb: bool = True, flight_recorder_steps: int = 200, warn: bool = True,
+                 close_timeout: float | None = CLOSE_TIMEOUT_S) -> None:
         self.out_dir = Path(out_dir)
         self.loggers = list(loggers or [])
         self.is_zero = is_zero
@@ -64,6 +66,7 @@ class ProbeOutput:
         self.max_figure_layers = max_figure_layers
         self.flight_recorder_steps = flight_recorder_steps
         self.warn = warn
+        self.close_timeout = close_timeout
         self.said: set[str] = set()
         self.skipped: list[str] = []
         self.renderer: Any = None
@@ -220,7 +223,7 @@ class ProbeOutput:
                     r.submit_timeline(step, final_timeline.names, final_timeline.steps, final_timeline.act_rms,
                                       final_timeline.grad_rms, final_timeline.dead, final_timeline.marks,
                                       urgent=True)  # ahead of the queue: the fit-end time bound never drops it
-                r.close(CLOSE_TIMEOUT_S)
+                r.close(self.close_timeout)
                 r.flush_sinks()  # every sink once, W&B included
                 lines = list(getattr(r, "skipped_summary", lambda: [])())
                 if not lines and getattr(r, "dropped", 0):

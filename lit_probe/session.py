@@ -384,8 +384,9 @@ class ProbeSession:
                 out[slot] = (np.maximum(last, fs) + W) <= self.step
         return out
 
-    def timeline(self) -> Timeline | None:
-        """The health timeline over the kept history (fully measured steps only); ``None`` before any."""
+    def timeline(self, findings: Sequence[Finding] | None = None) -> Timeline | None:
+        """The health timeline over the kept history (fully measured steps only), with ``findings`` (default: the
+        session's own) as markers; ``None`` before any measured step."""
         from .history import STATS
 
         if len(self.history) == 0:
@@ -412,7 +413,7 @@ class ProbeSession:
         for row, (a, _) in enumerate(pairs):
             for st, frac in self._dead_log.get(a, []):
                 dead[row, steps >= st] = frac
-        marks = [(f.layer, f.step, f.kind, f.signal) for f in self.findings]
+        marks = [(f.layer, f.step, f.kind, f.signal) for f in (self.findings if findings is None else findings)]
         return Timeline(names, steps, act, grad, dead, marks)
 
     def never_fired(self) -> list[str]:
@@ -428,10 +429,12 @@ class ProbeSession:
             warnings.warn("lit_probe: the checkpoint's probe state is for other layers; starting fresh windows.",
                           UserWarning, stacklevel=2)
             return
-        for i, call, signal, slot in state.get("streams", []):  # the same slots as before the checkpoint
-            while len(self.slot_names) < int(slot):
-                self._slot(int(i), len(self.slot_names) + self.max_calls, "_")  # placeholder, never observed
-            if (int(i), int(call), str(signal)) not in self._slots:
-                self._slot(int(i), int(call), str(signal))
+        # the streams in the order they were made: each gets the slot it had before the checkpoint (streams are
+        # made in call order, so a resumed run meets them in the same order anyway)
+        for i, call, signal, slot in sorted(state.get("streams", []), key=lambda row: int(row[3])):
+            if self._slot(int(i), int(call), str(signal)) != int(slot):
+                warnings.warn("lit_probe: the checkpoint's probe streams do not match this model's calls; "
+                              "starting fresh windows.", UserWarning, stacklevel=2)
+                return
         self.buffer.load_state_dict(state.get("buffer", {}))
         self.diagnosis = Diagnosis.from_state(state.get("diagnosis", {}))

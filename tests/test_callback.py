@@ -285,6 +285,8 @@ def test_policy_stop(tmp_path):
         t.fit(m, make_loader(n=320))
     assert t.global_step == 5  # stopped right after the step that showed the NaN
     assert p.findings[0].step == 4
+    marks = p.session.timeline(p.findings).marks  # the timeline marks the probe's (grouped) findings
+    assert marks and marks[0][:2] == (p.findings[0].layer, 4)
 
 
 def test_state_round_trip_is_weights_only_safe(tmp_path):
