@@ -18,7 +18,6 @@ Imports torch and numpy only.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import torch
