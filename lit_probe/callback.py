@@ -70,7 +70,9 @@ class ProbeCallback:
         max_versions: with ``mode="versioned"``, keep the newest N files per figure (``None``: all).
         log_to_wandb: push figures and findings to the trainer's ``WandbLogger`` (or an active ``wandb.run``).
         flight_recorder_steps: when a finding fires, the per-stream statistics of this many last steps are
-            written to ``flight_recorder_step<step>.csv``.
+            written to ``flight_recorder_step<step>.csv``. With figures on, a NaN/Inf or explosion is drawn from
+            the step that fired (``<figure>_at.png``, beside ``<figure>_before.png``): each step keeps a small
+            device copy of what the figures show, for the last two steps.
         gradcam_layers: at figure steps, Grad-CAM maps (predicted class) of the first ``num_samples`` input
             images for these layers (conv-like outputs), overlaid on the images (``<layer>/gradcam.png``),
             computed in an extra eval-mode pass whose module modes and RNG are restored exactly.
@@ -168,6 +170,7 @@ class ProbeCallback:
         self._log_every = 50
         self._figure_step: Optional[int] = None
         self._capture_next = False
+        self._recording = False
         self._gradcam_names: list[str] = []
         self._gc_images: Any = None
 
@@ -243,6 +246,10 @@ class ProbeCallback:
             self._output.say(f"lit_probe: {', '.join(compiled[:3])} is compiled with torch.compile; hooks are on "
                              "the original modules. A probed layer that reports no data was compiled away "
                              "(see README, compatibility).")
+        layer_figures = {"activations", "gradients", "histograms"} & set(self.figures)
+        self._recording = self._output.renderer is not None and bool(layer_figures)
+        if self._recording:  # the flight recorder's figures show the step that fired
+            self._session.record_recent(True, self.num_samples, self.max_channels)
         self._session.open()
         if self._val_session is not None:
             self._val_session.open()
@@ -292,10 +299,13 @@ class ProbeCallback:
         self._prev_step = step
         L = self._log_every
         due = (step + 1) // L > (prev + 1) // L
-        if not due and self.on_finding in ("raise", "stop"):
-            # NaN/Inf and the absolute explosion bound at their exact step, without a blocking read per step
-            due = s.sentinel_alarm(self.thresholds.exploding_absmax)
-            if due and trainer.world_size > 1:  # every rank enters the flush's collective, or none
+        watch = self.on_finding in ("raise", "stop")
+        # NaN/Inf and the absolute explosion bound at their exact step, without a blocking read per step; the
+        # flight recorder pins that step's figure inputs (drawn when the findings of that step are known)
+        alarm = s.sentinel_alarm(self.thresholds.exploding_absmax) if watch or self._recording else None
+        if not due and watch:
+            due = alarm is not None
+            if trainer.world_size > 1:  # every rank enters the flush's collective, or none
                 due = bool(trainer.strategy.reduce_boolean_decision(due, all=False))
         if due:
             self._flush(trainer, step)
@@ -367,19 +377,32 @@ class ProbeCallback:
         self.skipped_steps = list(s.diagnosis.skipped_steps)
         out.scalars({f"probe/{k}": v for k, v in s.latest_scalars().items()}, step)
         out.flush()
+        if new:
+            new, _ = group_incidents(self.findings, new)
+        if new:
+            self.findings.extend(new)
+            out.findings(new, self.findings, step, s.history.to_csv)
+        if not self._draw_pinned(s, out) and new:
+            self._capture_next = True  # no copy of the step that fired: draw the layers as they are next step
         if not new:
             return
-        new, _ = group_incidents(self.findings, new)
-        if not new:
-            return
-        self.findings.extend(new)
-        out.findings(new, self.findings, step, s.history.to_csv)
-        self._capture_next = True  # draw the layers as they are right after the finding
         if self.on_finding == "stop":
             trainer.should_stop = True
         elif self.on_finding == "raise":
             raise ProbeAlarm(f"lit_probe: {new[0].message} (on_finding='raise'; {len(new)} finding(s) at this "
                              f"check)", new)
+
+    def _draw_pinned(self, s: Any, out: ProbeOutput) -> bool:
+        """After a flush: draw the pinned figure inputs of the step that fired if a non-finite or exploding
+        finding is at that step; drop them either way (a GradScaler skip alarms without a finding)."""
+        if not s.pinned:
+            return False
+        at = next(iter(s.pinned))
+        snaps = s.claim_pinned(at)
+        if not any(f.step == at and f.kind in ("nonfinite", "exploding") for f in self.findings):
+            return False
+        out.figures(at, snaps, {f.layer for f in self.findings})
+        return True
 
     def _finish(self, failed: bool) -> None:
         s, out = self._session, self._output
@@ -390,6 +413,8 @@ class ProbeCallback:
         try:
             if s.buffer.pending:
                 s.end_step()
+                if failed and self._recording:  # the failed step's figures, if it showed the failure
+                    s.sentinel_alarm(self.thresholds.exploding_absmax)
                 try:
                     self._flush(NoTrainer(), s.step)
                 except ProbeAlarm:

@@ -56,7 +56,7 @@ MAX_INLINE_BYTES = 8 * 1024 * 1024
 
 _TIMELINE_DIR = "_all"  # render.TIMELINE_LAYER; safe_name("_all") == "_all"
 _FIGURE_ORDER = ("activations", "gradients", "histograms", "gradcam", "parameters")
-_PNG_NAME = re.compile(r"^(?P<figure>.+?)(?P<before>_before)?(?:_step(?P<step>\d+))?\.png$")
+_PNG_NAME = re.compile(r"^(?P<figure>.+?)(?P<tag>_before|_at)?(?:_step(?P<step>\d+))?\.png$")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CODE_SPAN = re.compile(r"`([^`]+)`")
 _BOLD_SPAN = re.compile(r"\*\*([^*]+)\*\*")
@@ -79,6 +79,7 @@ class _Figure:
     name: str
     versions: list[_Png] = field(default_factory=list)  # sorted by step; unversioned last
     before: list[_Png] = field(default_factory=list)
+    at: list[_Png] = field(default_factory=list)  # ``_at``: drawn from the step of the first severe finding
 
     def latest(self) -> Optional[_Png]:
         stepped = [p for p in self.versions if p.step is not None]
@@ -87,7 +88,10 @@ class _Figure:
         return self.versions[-1] if self.versions else None
 
     def at_or_after(self, step: int) -> Optional[_Png]:
-        """The first versioned file at or after ``step``; else the latest."""
+        """The ``_at`` file (the step that fired), else the first versioned file at or after ``step``, else the
+        latest."""
+        if self.at:
+            return self.at[-1]
         return next((p for p in self.versions if p.step is not None and p.step >= step), None) or self.latest()
 
     def before_step(self, step: int) -> Optional[_Png]:
@@ -241,9 +245,9 @@ def _scan_figures(directory: Path) -> dict[str, _Figure]:
             continue
         fig = figures.setdefault(m["figure"], _Figure(m["figure"]))
         png = _Png(p, int(m["step"]) if m["step"] else None)
-        (fig.before if m["before"] else fig.versions).append(png)
+        {"_before": fig.before, "_at": fig.at}.get(m["tag"] or "", fig.versions).append(png)
     for fig in figures.values():
-        for lst in (fig.versions, fig.before):
+        for lst in (fig.versions, fig.before, fig.at):
             lst.sort(key=lambda p: (p.step is None, p.step or 0))
     return dict(sorted(figures.items(), key=lambda kv: (
         _FIGURE_ORDER.index(kv[0]) if kv[0] in _FIGURE_ORDER else len(_FIGURE_ORDER), kv[0])))
@@ -558,7 +562,15 @@ def _build(save_dir: Path, title: Optional[str]) -> str:
                 left = images.figure(before, cap, f"{layer} {name} before the finding")
             else:
                 left = '<figure class="fig missing"><p>no figure from before the finding was kept</p></figure>'
-            right = images.figure(at, _caption(name, at, "at/after the finding"), f"{layer} {name}") if at else \
+            if at is not None and at in fig.at:
+                own = [_int_or(r.get("step"), None) for r in rows if str(r.get("layer")) == layer
+                       and r.get("kind") in ("nonfinite", "exploding")]
+                own_step = min((x for x in own if x is not None), default=None)
+                cap = f"<b>{_e(name)}</b> · at the step that fired" + \
+                    (f" · step {own_step}" if own_step is not None else "")
+            else:
+                cap = _caption(name, at, "at/after the finding") if at is not None else ""
+            right = images.figure(at, cap, f"{layer} {name}") if at else \
                 '<figure class="fig missing"><p>no figure from the finding on</p></figure>'
             page.append(f'<div class="pair">{left}{right}</div>')
         page.append("</div>")

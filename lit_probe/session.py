@@ -143,6 +143,12 @@ class ProbeSession:
         self._warned: set = set()
         self._peeked: Any = None
         self.disabled: set[int] = set()
+        # flight recorder (record_recent): device copies of what figures show, for the last two steps; the
+        # copies of a step whose min/max alarmed are pinned (as host arrays) until findings claim them
+        self.recent: dict[int, tuple[torch.Tensor | None, tuple[int, ...]]] | None = None
+        self._record = False
+        self._kept: dict[int, dict] = {}
+        self.pinned: dict[int, list[LayerSnapshot]] = {}
 
     def _slot(self, i: int, call: int, signal: str) -> int:
         key = (i, call, signal)
@@ -181,6 +187,7 @@ class ProbeSession:
         """Stop collecting and remove every hook (idempotent; safe on every way out)."""
         self.collecting = False
         self.capture = None
+        self.recent, self._kept = None, {}
         self.registry.remove()
 
     def release(self) -> None:
@@ -210,6 +217,8 @@ class ProbeSession:
         self._recalls[:] = 0
         if step != self.step:
             self._grad_hooks_this_step[:] = 0
+            if self._record:
+                self.recent = {}
             if self.buffer.pending >= self.buffer.rows:
                 self.flush()  # ring full: read now rather than lose steps
         self.step = int(step)
@@ -227,6 +236,10 @@ class ProbeSession:
     def end_step(self) -> None:
         self.collecting = False
         self.buffer.commit()
+        if self._record and self.recent is not None:
+            self._kept[self.step] = self.recent
+            for old in sorted(self._kept)[:-2]:  # the last two steps (a GPU alarm is read a step later)
+                del self._kept[old]
 
     def record_scale(self, scale: Any, end: bool) -> None:
         """The GradScaler scale in force (start of step) or after its update (end of step)."""
@@ -235,20 +248,44 @@ class ProbeSession:
                 self.buffer._alloc(scale.device)  # no hook has observed yet (first step): keep the scale
             self.buffer.record_scale(scale, end)
 
-    def sentinel_alarm(self, bound: float) -> bool:
-        """Every step under ``on_finding="raise"/"stop"``: whether a step showed a non-finite value or an
-        absolute value beyond ``bound``, without a blocking read. On CUDA the current step's min/max are copied
-        without waiting and the previous step's copy is checked (the alarm comes one step later, the finding's
-        step stays exact); on CPU the copy costs nothing to wait for and the current step is checked."""
-        alarm = False
+    def sentinel_alarm(self, bound: float) -> int | None:
+        """Called once per step (``on_finding="raise"/"stop"``, the flight recorder): the step that showed a
+        non-finite value or an absolute value beyond ``bound``, or ``None``; no blocking read. On CUDA the
+        current step's min/max are copied without waiting and the previous step's copy is checked (the alarm
+        comes one step later, its step stays exact); on CPU the copy costs nothing to wait for and the current
+        step is checked. With :meth:`record_recent`, the alarmed step's figure inputs are pinned."""
+        alarm = None
         if self._peeked is not None:
-            alarm = self.buffer.alarm(self._peeked, bound)
+            if self.buffer.alarm(self._peeked, bound):
+                alarm = int(self._peeked[0])
             self._peeked = None
         peeked = self.buffer.peek()
         if peeked is not None and peeked[2] is None:  # no device pipeline to keep busy: check it now
-            return alarm or self.buffer.alarm(peeked, bound)
-        self._peeked = peeked
+            if alarm is None and self.buffer.alarm(peeked, bound):
+                alarm = int(peeked[0])
+        else:
+            self._peeked = peeked
+        if alarm is not None and alarm in self._kept and not self.pinned:
+            # the first alarm since findings last claimed the pins: that step's figures, as host arrays
+            self.pinned[alarm] = self._snapshots(self._kept.pop(alarm), alarm, device=True)
         return alarm
+
+    def claim_pinned(self, step: int | None = None) -> list[LayerSnapshot]:
+        """The pinned figure inputs of ``step`` (any pinned step when ``None``); every pin is dropped."""
+        pins, self.pinned = self.pinned, {}
+        if step is None:
+            return next(iter(pins.values()), [])
+        return pins.get(step, [])
+
+    def record_recent(self, on: bool = True, samples: int = 1, channels: int = 64) -> None:
+        """Flight recorder: keep, for the last two steps, a small device copy of what figures show of every
+        stream (one small kernel per stream and step), so that :meth:`sentinel_alarm` can pin the figures of
+        the very step that showed a NaN/Inf or an explosion (:attr:`pinned`)."""
+        self._record = bool(on)
+        self.capture_samples = max(1, int(samples))
+        self.capture_channels = max(1, int(channels))
+        if not on:
+            self.recent, self._kept, self.pinned = None, {}, {}
 
     def request_snapshots(self, samples: int = 1, channels: int = 64) -> None:
         """Copy what the figures need (a few samples and channels per stream) during the current step."""
@@ -275,6 +312,8 @@ class ProbeSession:
                 self.buffer.observe(act, t.detach(), self.full, cdim)
                 if self.capture is not None and first and act not in self.capture:
                     self._capture(act, i, t)
+                if self.recent is not None and first and act not in self.recent:
+                    self._keep_recent(act, i, t)
             if self.want_grad and t.requires_grad and torch.is_grad_enabled():
                 if recompute and self._grad_hooks_this_step[i] > 0:
                     pass  # the original forward's output already carries our hook
@@ -292,6 +331,8 @@ class ProbeSession:
         self.buffer.observe(slot, grad.detach(), self.full, None)
         if self.capture is not None and slot not in self.capture:
             self._capture(slot, i, grad)
+        if self.recent is not None and slot not in self.recent:
+            self._keep_recent(slot, i, grad)
 
     def _capture(self, slot: int, i: int, t: torch.Tensor) -> None:
         from .snapshots import snapshot_tensor
@@ -299,6 +340,13 @@ class ProbeSession:
         assert self.capture is not None
         self.capture[slot] = (snapshot_tensor(t, self.capture_samples, self.capture_channels,
                                               layout=self.layouts[i]), tuple(t.shape))
+
+    def _keep_recent(self, slot: int, i: int, t: torch.Tensor) -> None:
+        from .snapshots import device_part
+
+        assert self.recent is not None
+        self.recent[slot] = (device_part(t, self.capture_samples, self.capture_channels, layout=self.layouts[i]),
+                             tuple(t.shape))
 
     def _hook_failed(self, index: int, where: str, err: BaseException) -> None:
         i = index if where == "forward" else self.slot_module[index]
@@ -358,8 +406,19 @@ class ProbeSession:
     def take_snapshots(self) -> list[LayerSnapshot]:
         """The figure inputs copied during this step (see :meth:`request_snapshots`), one per stream pair."""
         capture, self.capture = self.capture, None
-        if not capture:
-            return []
+        return self._snapshots(capture, self.step) if capture else []
+
+    def _snapshots(self, capture: Mapping[int, tuple[Any, tuple[int, ...]]], step: int,
+                   device: bool = False) -> list[LayerSnapshot]:
+        """One :class:`LayerSnapshot` per stream pair of ``capture`` (slot -> (array, full shape)); ``device``:
+        the arrays are :func:`~lit_probe.snapshots.device_part` copies, turned into host arrays here."""
+        from .snapshots import snapshot_tensor
+
+        def host(entry: Any) -> np.ndarray | None:
+            if entry is None or entry[0] is None:
+                return None
+            return snapshot_tensor(entry[0], self.capture_samples, self.capture_channels) if device else entry[0]
+
         dead = self.dead_masks()
         out = []
         for (i, call, signal), slot in sorted(self._slots.items(), key=lambda kv: kv[1]):
@@ -370,8 +429,10 @@ class ProbeSession:
             if act is None and grad is None:
                 continue
             shape = (act or grad)[1]  # type: ignore[index]
-            out.append(LayerSnapshot(self.slot_names[slot], self.step, act[0] if act else None,
-                                     grad[0] if grad else None, dead.get(slot), self.layouts[i], shape))
+            a, g = host(act), host(grad)
+            if a is None and g is None:
+                continue
+            out.append(LayerSnapshot(self.slot_names[slot], step, a, g, dead.get(slot), self.layouts[i], shape))
         return out
 
     def dead_masks(self) -> dict[int, np.ndarray]:

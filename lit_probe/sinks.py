@@ -168,6 +168,7 @@ class DiskSink:
         self._recent: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
         self._before_step: dict[str, int] = {}  # layer -> step of its first non-finite/exploding finding
         self._kept: dict[tuple[str, str], int] = {}  # (layer, figure) -> step its `_before` file shows
+        self._shown: dict[tuple[str, str], int] = {}  # (layer, figure) -> step `<figure>.png` shows (overwrite)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -218,9 +219,16 @@ class DiskSink:
                     return None
                 parent.mkdir(exist_ok=True)
                 target = parent / path.name
-                atomic_write_bytes(target, png)
-                recent = self._recent.setdefault((layer, figure), [])
-                recent[:] = (recent + [(int(step), png)])[-2:]
+                key, step = (layer, figure), int(step)
+                # the flight recorder's figures of a step that fired arrive after later figures: they go to
+                # `<figure>_at.png` and never overwrite a newer `<figure>.png`
+                if self._before_step.get(layer) == step:
+                    atomic_write_bytes(parent / f"{safe_name(figure)}_at.png", png)
+                if self.mode == "versioned" or step >= self._shown.get(key, -1):
+                    atomic_write_bytes(target, png)
+                    self._shown[key] = step
+                recent = self._recent.setdefault(key, [])
+                recent[:] = sorted(recent + [(step, png)], key=lambda sp: sp[0])[-2:]
                 if layer in self._before_step:
                     self._keep_locked(layer, figure, parent)
                 self.written += 1

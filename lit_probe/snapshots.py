@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from .vocab import layout_for_module
 
-__all__ = ["LAYOUTS", "layout_for_module", "snapshot_tensor"]
+__all__ = ["LAYOUTS", "layout_for_module", "snapshot_tensor", "device_part"]
 
 LAYOUTS = ("auto", "channels_first", "channels_last")
 
@@ -63,16 +63,33 @@ def snapshot_tensor(
     if t.dim() == 0 or t.numel() == 0:
         return None
     with torch.no_grad():
-        x = t.detach()
-        if x.dim() == 1:
-            x = x.unsqueeze(0)
-        x = x[:num_samples]
-        if x.dim() == 2 or layout == "channels_last":
-            x = x[..., :max_channels]
-        else:
-            x = x[:, :max_channels]
         # copy=True: a CPU float32 input would otherwise come back as a view of t's storage.
-        x = x.to(device="cpu", dtype=torch.float32, copy=True)
+        x = _figure_part(t, num_samples, max_channels, layout).to(device="cpu", dtype=torch.float32, copy=True)
     out = np.ascontiguousarray(x.numpy())
     del x
     return out
+
+
+def _figure_part(t: torch.Tensor, num_samples: int, max_channels: int, layout: str) -> torch.Tensor:
+    """The view of ``t`` a figure shows: the first samples and channels (see :func:`snapshot_tensor`)."""
+    x = t.detach()
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    x = x[:num_samples]
+    if x.dim() == 2 or layout == "channels_last":
+        return x[..., :max_channels]
+    return x[:, :max_channels]
+
+
+def device_part(t: torch.Tensor, num_samples: int, max_channels: int, *, layout: str = "auto") -> torch.Tensor | None:
+    """A copy, on ``t``'s device and in its dtype, of the part a figure shows: one small kernel, no host
+    transfer, no reference to ``t`` (an in-place op after the hook cannot change it). The flight recorder keeps
+    these for the last steps, so that a finding's figures show the step that fired (:func:`snapshot_tensor`
+    turns one into the figure's array when needed). ``None`` where :func:`snapshot_tensor` would give ``None``.
+    """
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_quantized or t.is_meta:
+        return None
+    if not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
+        return None
+    with torch.no_grad():
+        return _figure_part(t, num_samples, max_channels, layout).clone()

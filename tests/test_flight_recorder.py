@@ -1,0 +1,129 @@
+"""The flight recorder draws a finding's figures from the very step that fired (issue 14), not the next one.
+
+The bug: at step 7 only, one layer's output gets a huge value in every odd channel (beyond the explosion bound);
+the learning rate is 0, so every other step is healthy and identical in kind. The figures at the finding must
+show step 7's values (the oracle: the injected tensor, kept by a plain forward hook), not step 8's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from lit_probe import FeatureProbe
+from lit_probe.session import ProbeSession
+from models import Classifier, make_loader, mlp, trainer
+
+K = 7
+BIG = 1e8
+
+
+class SpikeAt(nn.Module):
+    """Linear whose output has ``BIG`` added to every odd feature at step ``k`` (set by the LightningModule)."""
+
+    def __init__(self, dim: int, k: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+        self.k, self.step = k, -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        if self.step == self.k:
+            spike = torch.zeros_like(y)
+            spike[:, 1::2] = BIG
+            y = y + spike
+        return y
+
+
+class StepAware(Classifier):
+    def training_step(self, batch, batch_idx):
+        for m in self.modules():
+            if isinstance(m, SpikeAt):
+                m.step = self.global_step
+        return super().training_step(batch, batch_idx)
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = mlp(depth=3)
+    net[2] = SpikeAt(32, K)
+    return net
+
+
+def test_session_pins_the_figure_inputs_of_the_step_that_fired():
+    net = _net()
+    seen: dict[int, torch.Tensor] = {}  # the oracle: what net.2 returned, per step
+    net[2].register_forward_hook(lambda m, i, o: seen.__setitem__(m.step, o.detach().clone()))
+    session = ProbeSession.from_model(net, ["2", "3"], every_n_steps=1)
+    session.record_recent(True, samples=1, channels=64)
+    alarms = []
+    with session:
+        for step in range(10):
+            net[2].step = step
+            session.begin_step(step)
+            x = torch.randn(8, 16)
+            net(x).square().mean().backward()
+            session.end_step()
+            alarms.append(session.sentinel_alarm(1e6))
+            assert len(session._kept) <= 2  # the device copies of the last two steps only
+    assert [s for s in alarms if s is not None] == [K]  # CPU: the alarm is for the step itself
+    snaps = {s.name: s for s in session.claim_pinned(K)}
+    assert set(snaps) == {"2", "3"} and all(s.step == K for s in snaps.values())
+    np.testing.assert_allclose(snaps["2"].activation, seen[K][:1].numpy(), rtol=1e-6)
+    assert snaps["2"].activation[0, 1::2].min() > BIG / 2  # the spike, not a healthy step
+    assert snaps["2"].gradient is not None and snaps["2"].shape == (8, 32)
+    assert session.pinned == {}
+
+
+def test_no_copies_without_the_recorder_and_none_kept_after_close():
+    net = _net()
+    session = ProbeSession.from_model(net, ["2"], every_n_steps=1)
+    with session:
+        session.begin_step(0)
+        net(torch.randn(4, 16)).sum().backward()
+        session.end_step()
+        assert session.recent is None and session._kept == {}
+    session.record_recent(True)
+    with session:
+        session.begin_step(1)
+        net(torch.randn(4, 16)).sum().backward()
+        session.end_step()
+        assert list(session._kept) == [1]
+    assert session._kept == {}  # closed: no device memory held
+
+
+def _png(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.mark.parametrize("on_finding", ["warn", "stop"])
+def test_fit_draws_the_step_that_fired_beside_the_last_one_before(tmp_path, on_finding):
+    net = _net()
+    p = FeatureProbe(probes=["net.*"], every_n_steps=1, figure_every_n_steps=5, figures=("activations",),
+                     save_dir=str(tmp_path / "probe"), log_every_n_steps=4, max_figure_layers=None,
+                     on_finding=on_finding, figure_wait_s=None)
+    with pytest.warns(Warning):
+        trainer(tmp_path, callbacks=[p], max_steps=12).fit(StepAware(net, lr=0.0), make_loader(n=192))
+    cause = [f for f in p.findings if f.cause][0]
+    assert (cause.layer, cause.step, cause.kind) == ("net.2", K, "exploding")
+    d = tmp_path / "probe" / "net.2"
+    at, before, latest = _png(d / "activations_at.png"), _png(d / "activations_before.png"), \
+        _png(d / "activations.png")
+    assert not np.array_equal(at, before)
+    if on_finding == "warn":  # training went on: the newest figure (step 10) is not the step that fired
+        assert not np.array_equal(at, latest)
+    assert not (tmp_path / "probe" / "net.0" / "activations_at.png").exists()  # no finding there
+    html = (tmp_path / "probe" / "report.html").read_text()
+    assert f"at the step that fired · step {K}" in html
+
+
+def test_a_healthy_run_pins_nothing(tmp_path):
+    torch.manual_seed(0)
+    p = FeatureProbe(probes=["net.*"], every_n_steps=1, figure_every_n_steps=5, figures=("activations",),
+                     save_dir=str(tmp_path / "probe"), log_every_n_steps=4)
+    trainer(tmp_path, callbacks=[p], max_steps=8).fit(Classifier(mlp(depth=3)), make_loader(n=128))
+    assert p.findings == [] and p.session.pinned == {}
+    assert not list((tmp_path / "probe").glob("*/*_at.png"))
