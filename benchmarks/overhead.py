@@ -1240,9 +1240,17 @@ SHORT_VARIANTS: list[Variant] = [
     Variant("probe_blocks", "FeatureProbe, default configuration (figures off), on the residual blocks",
             lambda m, c: feature_probe(c, [BLOCKS_GLOB], "probe_blocks", len(block_names(m)), figures=None),
             1.03, True),
-    Variant("probe_leaves", "FeatureProbe, default configuration (figures off), on every leaf module",
+    Variant("probe_leaves", "FeatureProbe, default configuration (figures off; activation, gradient and parameter "
+            "signals), on every leaf module",
             lambda m, c: feature_probe(c, leaf_names(m), "probe_leaves", len(leaf_names(m)), figures=None),
-            1.05, True),
+            1.10, True),
+    Variant("probe_leaves_no_params", "FeatureProbe, signals=(activation, gradient) (figures off), on every leaf "
+            "module",
+            lambda m, c: feature_probe(c, leaf_names(m), "probe_leaves_no_params", len(leaf_names(m)), figures=None,
+                                       signals=("activation", "gradient")), 1.05, True),
+    Variant("probe_leaves_params_only", "FeatureProbe, signals=(parameter,) (figures off), on every leaf module",
+            lambda m, c: feature_probe(c, leaf_names(m), "probe_leaves_params_only", len(leaf_names(m)),
+                                       figures=None, signals=("parameter",))),
     Variant("probe_leaves_every_step", "FeatureProbe, every_n_steps=1 (figures off), on every leaf module",
             lambda m, c: feature_probe(c, leaf_names(m), "probe_leaves_every_step", len(leaf_names(m)),
                                        figures=None, every_n_steps=1), 1.20, True),
@@ -1486,7 +1494,7 @@ QUICK: dict[str, Any] = {
     "scaling_steps": 6, "scaling_sizes": "50", "scaling_models": "", "scaling_figure_every": 0,
     "scaling_log_every": 3, "kernel_modules": 20, "kernel_batch": 8, "kernel_reps": 2, "kernel_inner": 2,
 }
-QUICK_SKIP = ("wandb_watch_100", "probe_leaves_every_step", "floor_leaves", "naive_blocks", "detect_anomaly",
+QUICK_SKIP = ("wandb_watch_100", "probe_leaves_every_step", "probe_leaves_params_only", "floor_leaves", "naive_blocks", "detect_anomaly",
               "wandb_watch_1")
 
 

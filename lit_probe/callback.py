@@ -28,7 +28,7 @@ from .output import ProbeOutput, ProbeWarning
 from .selection import no_probes_message, resolve, validate_patterns
 from .trainer import (NoTrainer, check_strategy, finding_state, first_images, is_last_batch, scaler_scale,
                       strategy_gather)
-from .vocab import ACTIVATION, FIGURE_KINDS, GRADIENT
+from .vocab import ACTIVATION, FIGURE_KINDS, GRADIENT, PARAMETER
 
 __all__ = ["ProbeCallback", "FeatureProbe", "ProbeWarning"]
 
@@ -42,7 +42,13 @@ class ProbeCallback:
             globs matched per segment (``"layer3.*"``, ``"**.conv1"``), types (``"type:ReLU"``) and regular
             expressions (``"re:^enc\.\d+$"``). Unioned with the points the module declares through
             :class:`~lit_probe.ProbeMixin`. ``None``: only the module's declared points.
-        signals: ``"activation"`` (module outputs) and/or ``"gradient"`` (d loss / d output).
+        signals: ``"activation"`` (module outputs), ``"gradient"`` (d loss / d output) and/or ``"parameter"``
+            (per probed module that owns parameters: the norm of its weights and of their gradients on every
+            optimizer step, taken in ``on_before_optimizer_step`` — unscaled under AMP, before clipping — and the
+            update ratio ``||W_after - W_before|| / ||W_before||`` on full-statistics steps, from fused
+            multi-tensor norms; parameters with ``requires_grad=False`` are frozen: said once, not measured).
+        param_scope: ``"own"``: a module's own parameters (``recurse=False``: ``layer1.0.conv1``'s weight, not
+            those of ``layer1``'s children); ``"recursive"``: every parameter in its subtree.
         every_n_steps: full statistics (mean, rms, zero fraction, non-finite count, unit activity) every this
             many training steps, and on each of the first 10 steps. Min/max (hence non-finite values and
             explosions, at their exact step and first layer) are checked on every step whatever this is.
@@ -60,7 +66,8 @@ class ProbeCallback:
         probe_validation: also take activation statistics during validation (logged as ``val_act_*``).
         history_size: training steps of statistics kept on the host (memory is bounded by it).
         figure_every_n_steps: draw figures every this many steps (and at step 0); ``None`` turns figures off.
-        figures: which figures: ``"activations"``, ``"gradients"``, ``"histograms"``, ``"timeline"``.
+        figures: which figures: ``"activations"``, ``"gradients"``, ``"histograms"``, ``"timeline"``,
+            ``"parameters"`` (histograms of each module's weights and parameter gradients).
         max_figure_layers: per figure step, draw the streams with findings and at most this many others,
             spread over the model (``None``: every probed stream; slow with hundreds of layers).
         max_channels: channels (or features) drawn per feature-map grid.
@@ -89,7 +96,8 @@ class ProbeCallback:
 
     **Logged metrics** (every logger, at log steps; ``<stream>`` as above): ``probe/<stream>/act_rms``,
     ``act_mean``, ``act_absmax``, ``act_zero_fraction``, ``act_nonfinite``, ``dead_fraction`` (ReLU-like streams,
-    once the dead window has been seen), ``grad_rms``, ``grad_mean``, ``grad_absmax``, ``grad_nonfinite``; with
+    once the dead window has been seen), ``grad_rms``, ``grad_mean``, ``grad_absmax``, ``grad_nonfinite``;
+    per probed module with parameters ``probe/<layer>/weight_norm``, ``param_grad_norm``, ``update_ratio``; with
     ``probe_validation``, ``probe/<stream>/val_act_rms`` and friends.
 
     Attributes:
@@ -101,7 +109,7 @@ class ProbeCallback:
     def __init__(
         self,
         probes: Optional[list[str]] = None,
-        signals: Sequence[str] = (ACTIVATION, GRADIENT),
+        signals: Sequence[str] = (ACTIVATION, GRADIENT, PARAMETER),
         every_n_steps: int = 10,
         log_every_n_steps: Optional[int] = None,
         thresholds: Optional[dict[str, float]] = None,
@@ -120,14 +128,16 @@ class ProbeCallback:
         flight_recorder_steps: int = 200,
         gradcam_layers: Optional[list[str]] = None,
         figure_wait_s: Optional[float] = 10.0,
+        param_scope: Literal["own", "recursive"] = "own",
     ) -> None:
         super().__init__()
         self.probes = validate_patterns(as_list(probes))
         self.signals = tuple(dict.fromkeys(as_list(signals)))
         if not self.signals:
-            raise ProbeConfigError("`signals` is empty; give 'activation' and/or 'gradient'.")
+            raise ProbeConfigError("`signals` is empty; give 'activation', 'gradient' and/or 'parameter'.")
         for s in self.signals:
-            check_choice("signals", s, (ACTIVATION, GRADIENT))
+            check_choice("signals", s, (ACTIVATION, GRADIENT, PARAMETER))
+        self.param_scope = check_choice("param_scope", param_scope, ("own", "recursive"))
         self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
         if thresholds is not None and not isinstance(thresholds, Mapping):
@@ -225,7 +235,7 @@ class ProbeCallback:
         ring = min(self._log_every, 256) + 2
         self._session = ProbeSession(modules, signals=self.signals, every_n_steps=self.every_n_steps,
                                      thresholds=self.thresholds, history_size=self.history_size, ring_rows=ring,
-                                     gather=gather, root=pl_module)
+                                     gather=gather, root=pl_module, param_scope=self.param_scope)
         if self._pending_state is not None:
             self._session.load_state_dict(self._pending_state.get("session", {}))
             self.findings = [Finding(**f) for f in self._pending_state.get("findings", [])]
@@ -251,8 +261,25 @@ class ProbeCallback:
         if self._recording:  # the flight recorder's figures show the step that fired
             self._session.record_recent(True, self.num_samples, self.max_channels)
         self._session.open()
+        self._bind_parameters(trainer)
         if self._val_session is not None:
             self._val_session.open()
+
+    def _bind_parameters(self, trainer: Any) -> None:
+        pw, out = self._session.params, self._output
+        if pw is None or out is None:
+            return
+        self._session.bind_optimizers(list(getattr(trainer, "optimizers", []) or []))
+        if pw.frozen:
+            out.say(f"lit_probe: {len(pw.frozen)} probed layer(s) have only frozen parameters (requires_grad=False): "
+                    f"not measured: {', '.join(pw.frozen[:10])}{', ...' if len(pw.frozen) > 10 else ''}.")
+        if pw.orphans:
+            out.say(f"lit_probe: the parameters of {len(pw.orphans)} probed layer(s) are in no optimizer (they never "
+                    f"change): {', '.join(pw.orphans[:10])}{', ...' if len(pw.orphans) > 10 else ''}.")
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self._session is not None:  # gradients are final here: unscaled under AMP, not yet clipped
+            self._session.before_optimizer_step(optimizer)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         s = self._session
@@ -289,6 +316,9 @@ class ProbeCallback:
             return  # gradient accumulation: the step goes on with the next batch
         if self._figure_step == step:
             out.figures(step, s.take_snapshots(), {f.layer for f in self.findings})
+            if s.params is not None:
+                out.parameters(step, s.take_param_histograms(), dict(zip(s.params.names, s.params.numel)),
+                               {f.layer for f in self.findings})
             out.timeline(step, s.timeline(self.findings))
             if self._gc_images is not None:
                 images, self._gc_images = self._gc_images, None

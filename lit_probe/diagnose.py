@@ -31,8 +31,11 @@ MIN_UNITS = 4
 SMALL_UNITS = 16
 SMALL_DEAD_FRACTION = 0.9
 
-__all__ = ["Thresholds", "Diagnosis", "diagnose", "find_nonfinite", "find_exploding", "find_vanishing",
-           "find_dead"]
+__all__ = ["Thresholds", "Diagnosis", "ParamModules", "diagnose", "find_nonfinite", "find_exploding",
+           "find_vanishing", "find_dead", "find_param_nonfinite", "find_not_learning", "find_lr_too_high"]
+
+#: The update-ratio rules need at least this many modules with a measured ratio at a step (a median).
+MIN_PARAM_MODULES = 3
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,18 @@ class Thresholds:
             :func:`find_vanishing`). Default 1e-4.
         vanishing_window: measured (full-statistics) steps in a row. Default 5.
         vanishing_min_step: no vanishing judgement before this training step. Default 0.
+        not_learning_ratio: a module with parameters is *not learning* when its update ratio
+            ``||W_after - W_before|| / ||W_before||`` stays below this fraction of the step's median over the
+            probed modules (or is exactly 0 while its gradient is not), on ``update_window`` measured steps in a
+            row: a parameter group with ``lr=0``, parameters the optimizer does not update. Default 1e-3.
+        lr_too_high_ratio: a module's learning rate is *too high* when its update ratio stays above this on
+            ``update_window`` measured steps in a row (each step moves the weights by their own size).
+            Default 1.0.
+        lr_group_spread: ... or, when its parameter group has a higher learning rate than the other probed
+            modules' groups, when its update ratio is above this many times the median of the modules outside
+            its group on ``lr_group_window`` measured steps in a row. Default 10.
+        update_window: measured (full-statistics) steps in a row for the two rules above. Default 5.
+        lr_group_window: measured steps in a row for the group rule. Default 3.
     """
 
     dead_fraction: float = 0.5
@@ -69,6 +84,11 @@ class Thresholds:
     vanishing_ratio: float = 1e-4
     vanishing_window: int = 5
     vanishing_min_step: int = 0
+    not_learning_ratio: float = 1e-3
+    lr_too_high_ratio: float = 1.0
+    lr_group_spread: float = 10.0
+    update_window: int = 5
+    lr_group_window: int = 3
 
     @classmethod
     def from_dict(cls, overrides: Mapping[str, float] | None) -> "Thresholds":
@@ -103,6 +123,11 @@ class Thresholds:
         num("vanishing_ratio", 0.0, 1.0)
         num("vanishing_window", 1, lo_open=False, integer=True)
         num("vanishing_min_step", 0, lo_open=False, integer=True)
+        num("not_learning_ratio", 0.0, 1.0)
+        num("lr_too_high_ratio", 0.0)
+        num("lr_group_spread", 1.0)
+        num("update_window", 1, lo_open=False, integer=True)
+        num("lr_group_window", 1, lo_open=False, integer=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,7 +139,8 @@ class Diagnosis:
 
     Attributes:
         active: ``(slot, kind)`` findings currently active (reported once until they clear).
-        nonfinite_active: per signal, whether non-finite values were present at the last row.
+        nonfinite_active: per signal (and ``"weight"``, ``"param_grad"``), whether non-finite values were present
+            at the last row.
         absmax: per slot, the last ``growth_window`` finite, non-exploded absmax values.
         small: per gradient slot, how many consecutive measured steps it was below the vanishing ratio.
         skipped_steps: steps the GradScaler skipped (inf gradients by design).
@@ -122,11 +148,15 @@ class Diagnosis:
     """
 
     active: set = field(default_factory=set)
-    nonfinite_active: dict = field(default_factory=lambda: {"activation": False, "gradient": False})
+    nonfinite_active: dict = field(default_factory=lambda: {"activation": False, "gradient": False,
+                                                             "weight": False, "param_grad": False})
     absmax: dict = field(default_factory=dict)
     small: dict = field(default_factory=dict)
     skipped_steps: list = field(default_factory=list)
     dead_latest: dict = field(default_factory=dict)
+    #: parameter rules: findings active per (module, kind); consecutive measured steps per (module, rule)
+    param_active: set = field(default_factory=set)
+    param_runs: dict = field(default_factory=dict)
 
     def copy(self) -> "Diagnosis":
         return copy.deepcopy(self)
@@ -136,12 +166,17 @@ class Diagnosis:
                 "nonfinite_active": dict(self.nonfinite_active),
                 "absmax": {int(s): [float(x) for x in q] for s, q in self.absmax.items()},
                 "small": {int(s): int(v) for s, v in self.small.items()},
-                "skipped_steps": [int(x) for x in self.skipped_steps]}
+                "skipped_steps": [int(x) for x in self.skipped_steps],
+                "param_active": [[int(m), k] for m, k in sorted(self.param_active)],
+                "param_runs": [[int(m), k, int(v)] for (m, k), v in sorted(self.param_runs.items())]}
 
     @classmethod
     def from_state(cls, state: Mapping) -> "Diagnosis":
         return cls(active={(int(s), str(k)) for s, k in state.get("active", [])},
-                   nonfinite_active={"activation": False, "gradient": False, **state.get("nonfinite_active", {})},
+                   nonfinite_active={"activation": False, "gradient": False, "weight": False, "param_grad": False,
+                                     **state.get("nonfinite_active", {})},
+                   param_active={(int(m), str(k)) for m, k in state.get("param_active", [])},
+                   param_runs={(int(m), str(k)): int(v) for m, k, v in state.get("param_runs", [])},
                    absmax={int(s): list(v) for s, v in state.get("absmax", {}).items()},
                    small={int(s): int(v) for s, v in state.get("small", {}).items()},
                    skipped_steps=list(state.get("skipped_steps", [])))
@@ -162,14 +197,30 @@ class Streams:
                        extra=extra or {})
 
 
+@dataclass(frozen=True)
+class ParamModules:
+    """What the parameter detectors know of each module with parameters (rows of ``Derived.params``)."""
+
+    names: Sequence[str]
+    groups: np.ndarray  # the (optimizer, parameter group) id of each module's largest parameter
+    lrs: np.ndarray  # that group's learning rate now
+
+    def emit(self, m: int, kind: str, step: int, value: float, threshold: float, message: str, stat: str,
+             extra: dict | None = None) -> Finding:
+        return Finding(step=int(step), layer=self.names[m], signal="parameter", kind=kind, value=float(value),
+                       threshold=float(threshold), message=message, stat=stat, extra=extra or {})
+
+
 def diagnose(state: Diagnosis, d: Derived, units: Mapping[int, np.ndarray] | None,
              first_seen: Mapping[int, int] | None, names: Sequence[str], signals: Sequence[str],
-             dead_judged: Sequence[bool], t: Thresholds) -> tuple[Diagnosis, list[Finding]]:
+             dead_judged: Sequence[bool], t: Thresholds,
+             params: ParamModules | None = None) -> tuple[Diagnosis, list[Finding]]:
     """Run every detector over the rows of ``d`` (and the unit windows at its last step).
 
     Returns:
-        the new state and the new findings, ordered by step, then activation before gradient, then the
-        order in which the streams ran (forward order for activations, backward order for gradients).
+        the new state and the new findings, ordered by step, then activation, gradient, parameter, then the
+        order in which the streams ran (forward order for activations, backward order for gradients, module
+        order for parameters).
     """
     st = state.copy()
     streams = Streams(names, signals, dead_judged)
@@ -183,6 +234,10 @@ def diagnose(state: Diagnosis, d: Derived, units: Mapping[int, np.ndarray] | Non
         out += f
         st, f = find_vanishing(st, d, i, streams, t)
         out += f
+        if params is not None and d.params is not None and len(params.names):
+            for detector in (find_param_nonfinite, find_lr_too_high, find_not_learning):
+                st, f = detector(st, d, i, params, t)
+                out += f
     if units and len(d):
         st, f = find_dead(st, int(d.steps[-1]), units, first_seen or {}, streams, t)
         out += f
@@ -190,8 +245,12 @@ def diagnose(state: Diagnosis, d: Derived, units: Mapping[int, np.ndarray] | Non
     for i in range(len(d)):
         for k, slot in enumerate(d.order[i] if i < len(d.order) else []):
             position.setdefault((int(d.steps[i]), names[slot], signals[slot]), k)
-    rank = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead": 3}
-    return st, sorted(out, key=lambda f: (f.step, f.signal != "activation",
+    for m, name in enumerate(params.names if params is not None else ()):
+        for step in d.steps:
+            position.setdefault((int(step), name, "parameter"), m)
+    rank = {"nonfinite": 0, "exploding": 1, "lr_too_high": 2, "vanishing": 3, "dead": 4, "not_learning": 5}
+    signal_rank = {"activation": 0, "gradient": 1, "parameter": 2}
+    return st, sorted(out, key=lambda f: (f.step, signal_rank.get(f.signal, 3),
                                           position.get((f.step, f.layer, f.signal), 1e9), rank.get(f.kind, 9)))
 
 
@@ -338,4 +397,141 @@ def find_dead(st: Diagnosis, step: int, units: Mapping[int, np.ndarray], first_s
                                                          "since": since}))
         else:
             st.active.discard(key)
+    return st, out
+
+
+# ---------------------------------------------------------------------- parameters (Derived.params)
+def _param_column(d: Derived, i: int, stat: str) -> np.ndarray:
+    from .history import PARAM_STATS
+
+    assert d.params is not None
+    return d.params[i, :, PARAM_STATS.index(stat)]
+
+
+def find_param_nonfinite(st: Diagnosis, d: Derived, i: int, pm: ParamModules,
+                         t: Thresholds) -> tuple[Diagnosis, list[Finding]]:
+    """Non-finite weights (before the step's update) or parameter gradients: the first module in module order,
+    at the exact step. Requires: weight and gradient norms (every optimizer step). Gradients of a step the
+    GradScaler skipped are not judged."""
+    out = []
+    for key, stat, what in (("weight", "weight_norm", "weights"), ("param_grad", "param_grad_norm",
+                                                                    "parameter gradients")):
+        v = _param_column(d, i, stat)
+        hit = [int(m) for m in np.flatnonzero(~np.isfinite(v) & _measured(d, i, stat))]
+        if key == "param_grad" and _skipped(d, i):
+            hit = []
+        if not hit:
+            st.nonfinite_active[key] = False
+            continue
+        if st.nonfinite_active.get(key):
+            continue
+        st.nonfinite_active[key] = True
+        first, others = hit[0], [pm.names[m] for m in hit[1:]]
+        step = int(d.steps[i])
+        when = "before that step's update" if key == "weight" else "unscaled, before clipping"
+        msg = f"Non-finite {what} (NaN/Inf) in `{pm.names[first]}` at step {step} ({when}"
+        msg += f"; also in {len(others)} later module(s): {', '.join(others[:5])}{', ...' if len(others) > 5 else ''})" \
+            if others else ")"
+        # value: how many modules (a number in every sink: W&B tables need one type per column)
+        out.append(pm.emit(first, "nonfinite", step, float(len(hit)), 0.0, msg + ".",
+                           "nonfinite_weights" if key == "weight" else "nonfinite_param_grads",
+                           {"downstream": others}))
+    return st, out
+
+
+def _measured(d: Derived, i: int, stat: str) -> np.ndarray:
+    """Where a parameter statistic was measured at row ``i`` (a NaN there is a measured NaN)."""
+    from .history import PARAM_STATS
+
+    assert d.params is not None
+    if d.params_measured is None:
+        return ~np.isnan(d.params[i, :, PARAM_STATS.index(stat)])
+    return d.params_measured[i, :, PARAM_STATS.index(stat)]
+
+
+def _run(st: Diagnosis, m: int, rule: str, hold: bool) -> int:
+    key = (m, rule)
+    st.param_runs[key] = st.param_runs.get(key, 0) + 1 if hold else 0
+    return st.param_runs[key]
+
+
+def find_not_learning(st: Diagnosis, d: Derived, i: int, pm: ParamModules,
+                      t: Thresholds) -> tuple[Diagnosis, list[Finding]]:
+    """Update ratio far below the step's median over the probed modules (or exactly 0 while the gradient is
+    not) on ``update_window`` measured steps in a row. A module whose gradient is exactly 0 is blocked (no
+    gradient reaches it: dead units after it), not judged. Requires: update ratios (full steps), gradient norms."""
+    r = _param_column(d, i, "update_ratio")
+    g = _param_column(d, i, "param_grad_norm")
+    ok = np.isfinite(r)
+    if ok.sum() < MIN_PARAM_MODULES or _skipped(d, i):
+        return st, []
+    med = float(np.median(r[ok]))
+    step = int(d.steps[i])
+    out = []
+    for m in np.flatnonzero(ok):
+        m = int(m)
+        # no gradient at all reaches it (dead units downstream): blocked, the dead detector's case, not judged
+        blocked = not g[m] > 0
+        zero = r[m] == 0 and not blocked
+        low = not blocked and (zero or r[m] < t.not_learning_ratio * med)
+        n = _run(st, m, "not_learning", low)
+        key = (m, "not_learning")
+        if not low:
+            st.param_active.discard(key)
+            continue
+        if n >= t.update_window and key not in st.param_active:
+            st.param_active.add(key)
+            lr = pm.lrs[m] if m < len(pm.lrs) else np.nan
+            why = (f"its weights did not change at all though its gradient norm is {g[m]:.3g}" if zero else
+                   f"its update ratio ||dW||/||W|| is {r[m]:.3g}, {med / max(r[m], 1e-300):.3g}x below the "
+                   f"median {med:.3g} of the probed layers")
+            lr_txt = " (its parameter group has lr=0)" if lr == 0 else \
+                (f" (its parameter group's lr: {lr:.3g})" if lr == lr else " (its parameters are in no optimizer)")
+            out.append(pm.emit(m, "not_learning", step, float(r[m]), t.not_learning_ratio * med,
+                               f"`{pm.names[m]}` is not learning at step {step}: {why}, on {n} measured steps in "
+                               f"a row{lr_txt}.", "update_ratio", {"median": med, "lr": float(lr)}))
+    return st, out
+
+
+def find_lr_too_high(st: Diagnosis, d: Derived, i: int, pm: ParamModules,
+                     t: Thresholds) -> tuple[Diagnosis, list[Finding]]:
+    """Update ratio above ``lr_too_high_ratio`` on ``update_window`` measured steps in a row; or, for a module
+    whose parameter group has a higher learning rate than the other probed modules' groups, above
+    ``lr_group_spread`` x the median of the modules outside its group on ``lr_group_window`` steps in a row.
+    Requires: update ratios (full steps) and each module's group and learning rate."""
+    r = _param_column(d, i, "update_ratio")
+    ok = np.isfinite(r)
+    if not ok.any() or _skipped(d, i):
+        return st, []
+    step = int(d.steps[i])
+    groups = np.asarray(pm.groups)
+    lrs = np.asarray(pm.lrs, dtype=np.float64)
+    out = []
+    for m in np.flatnonzero(ok):
+        m = int(m)
+        outside = ok & (groups != groups[m])
+        ref = float(np.median(r[outside])) if outside.sum() >= MIN_PARAM_MODULES else math.nan
+        ref_lr = float(np.nanmedian(lrs[outside])) if outside.any() and np.isfinite(lrs[outside]).any() else math.nan
+        higher_lr = lrs[m] == lrs[m] and ref_lr == ref_lr and lrs[m] > ref_lr
+        grp = bool(higher_lr and ref > 0 and r[m] > t.lr_group_spread * ref)
+        n_abs = _run(st, m, "lr_abs", bool(r[m] > t.lr_too_high_ratio))
+        n_grp = _run(st, m, "lr_group", grp)
+        key = (m, "lr_too_high")
+        fire_abs, fire_grp = n_abs >= t.update_window, n_grp >= t.lr_group_window
+        if not (n_abs or n_grp):
+            st.param_active.discard(key)
+            continue
+        if (fire_abs or fire_grp) and key not in st.param_active:
+            st.param_active.add(key)
+            if fire_grp:
+                msg = (f"`{pm.names[m]}`'s learning rate looks too high at step {step}: its update ratio "
+                       f"||dW||/||W|| is {r[m]:.3g}, {r[m] / ref:.3g}x the median {ref:.3g} of the layers outside "
+                       f"its parameter group (lr {lrs[m]:.3g} vs {ref_lr:.3g}), on {n_grp} measured steps in a row.")
+                thr = t.lr_group_spread * ref
+            else:
+                msg = (f"`{pm.names[m]}`'s learning rate looks too high at step {step}: each optimizer step moves "
+                       f"its weights by {r[m]:.3g}x their norm, on {n_abs} measured steps in a row.")
+                thr = t.lr_too_high_ratio
+            out.append(pm.emit(m, "lr_too_high", step, float(r[m]), thr, msg, "update_ratio",
+                               {"reference": ref, "lr": float(lrs[m]), "reference_lr": ref_lr}))
     return st, out

@@ -15,9 +15,11 @@ from typing import Any
 __all__ = ["Finding", "Incident", "Severity", "KINDS", "ADVICE", "group_incidents", "incidents_of",
            "findings_to_markdown"]
 
-KINDS = ("nonfinite", "exploding", "vanishing", "dead")
-#: Kinds that one root cause produces together: an explosion turns into NaN downstream and later.
-_FAMILY = {"nonfinite": "instability", "exploding": "instability", "vanishing": "vanishing", "dead": "dead"}
+KINDS = ("nonfinite", "exploding", "lr_too_high", "vanishing", "dead", "not_learning")
+#: Kinds that one root cause produces together: an explosion turns into NaN downstream and later; a learning
+#: rate too high for a layer comes before both.
+_FAMILY = {"nonfinite": "instability", "exploding": "instability", "lr_too_high": "instability",
+           "vanishing": "vanishing", "dead": "dead", "not_learning": "not_learning"}
 #: A finding joins an open incident of its family when it comes at most this many steps after the incident's
 #: last finding.
 INCIDENT_GAP = 50
@@ -32,6 +34,10 @@ ADVICE = {
     "ReLU-like activations, residual connections, normalisation or a better initialisation.",
     "dead": "most units never fired over the window: check a large negative bias, a too-high learning rate, "
     "or use LeakyReLU/GELU and a careful initialisation.",
+    "lr_too_high": "each optimizer step moves this layer's weights by a large part of their size: lower the "
+    "learning rate of its parameter group (or the global one), or add warm-up.",
+    "not_learning": "the optimizer barely changes this layer: check its parameter group's learning rate (0?), "
+    "that its parameters are in the optimizer, and whether its gradient vanishes.",
 }
 
 
@@ -43,7 +49,7 @@ class Severity(str, Enum):
 
 
 _SEVERITY = {"nonfinite": Severity.ERROR, "exploding": Severity.ERROR, "vanishing": Severity.WARNING,
-             "dead": Severity.WARNING}
+             "dead": Severity.WARNING, "lr_too_high": Severity.WARNING, "not_learning": Severity.WARNING}
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,10 @@ class Finding:
     Attributes:
         step: ``trainer.global_step`` while the batch that showed the problem ran (the first such step).
         layer: the probed module's dotted name, relative to the LightningModule.
-        signal: ``"activation"`` (the module's output) or ``"gradient"`` (d loss / d output).
-        kind: ``"dead"``, ``"exploding"``, ``"vanishing"`` or ``"nonfinite"``.
+        signal: ``"activation"`` (the module's output), ``"gradient"`` (d loss / d output) or ``"parameter"``
+            (the module's own weights, their gradients and the optimizer's update).
+        kind: ``"dead"``, ``"exploding"``, ``"vanishing"``, ``"nonfinite"``, ``"lr_too_high"`` or
+            ``"not_learning"``.
         value: the measured value that crossed the threshold (dead fraction, absmax, rms, non-finite count).
         threshold: the threshold it was compared with.
         message: a sentence for people.
@@ -155,21 +163,22 @@ def group_incidents(previous: list[Finding], new: list[Finding]) -> tuple[list[F
         else:
             g[2] = max(g[2], f.step)
         next_id = max(next_id, f.incident + 1)
-    seen = {(f.layer, f.step) for f in previous}
+    seen = {(f.layer, f.step, f.signal == "parameter") for f in previous}
     kept: list[Finding] = []
     dropped: list[Finding] = []
     for f in new:
         fam = _FAMILY.get(f.kind, f.kind)
         inst = groups.get("instability")
         onset = int(f.extra.get("since", f.step)) if f.kind == "dead" else f.step
-        if fam in ("vanishing", "dead") and inst is not None and f.step <= inst[2] + INCIDENT_GAP \
+        if fam in ("vanishing", "dead", "not_learning") and inst is not None and f.step <= inst[2] + INCIDENT_GAP \
                 and onset > inst[1]:
             dropped.append(f)
             continue
-        if (f.layer, f.step) in seen and f.kind != "nonfinite":
+        key = (f.layer, f.step, f.signal == "parameter")  # a layer's parameters are not one of its streams
+        if key in seen and f.kind != "nonfinite":
             dropped.append(f)
             continue
-        seen.add((f.layer, f.step))
+        seen.add(key)
         g = groups.get(fam)
         if g is not None and f.step <= g[2] + INCIDENT_GAP:
             g[2] = max(g[2], f.step)

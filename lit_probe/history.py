@@ -12,22 +12,29 @@ import numpy as np
 
 from .stats import COLUMNS, HostRows
 
-__all__ = ["STATS", "History", "Derived", "derive"]
+__all__ = ["STATS", "PARAM_STATS", "History", "Derived", "derive"]
 
 #: Per-step statistics kept for every (layer, signal). NaN means "not measured at that step".
 STATS = ("calls", "count", "nonfinite", "zero_fraction", "mean", "rms", "absmax", "min", "max", "l2", "full",
          "skipped")
+#: Per-step statistics of every module with parameters (NaN: not measured at that step). The update ratio is
+#: ``||W_after - W_before|| / ||W_before||`` of the optimizer step (full-statistics steps).
+PARAM_STATS = ("weight_norm", "param_grad_norm", "update_ratio")
 _I = {name: i for i, name in enumerate(STATS)}
 _C = {name: i for i, name in enumerate(COLUMNS)}
 
 
 class Derived:
-    """Per-step statistics for a block of steps: ``values[n, slots, len(STATS)]``."""
+    """Per-step statistics for a block of steps: ``values[n, slots, len(STATS)]``; ``params[n, modules,
+    len(PARAM_STATS)]`` (``None`` without the parameter signal)."""
 
-    def __init__(self, steps: np.ndarray, values: np.ndarray, order: list[list[int]]) -> None:
+    def __init__(self, steps: np.ndarray, values: np.ndarray, order: list[list[int]],
+                 params: np.ndarray | None = None) -> None:
         self.steps = steps
         self.values = values
         self.order = order
+        self.params = params
+        self.params_measured: np.ndarray | None = None  # [n, modules, 3] where each parameter column was measured
 
     def get(self, stat: str) -> np.ndarray:
         return self.values[:, :, _I[stat]]
@@ -75,7 +82,24 @@ def derive(rows: HostRows, grad_slots: np.ndarray, unit_slots: np.ndarray) -> De
         skipped = (np.isfinite(rows.scale[:, 0]) & np.isfinite(rows.scale[:, 1]) & (rows.scale[:, 1] < rows.scale[:, 0])
                    ) if rows.scale.size else np.zeros(n, bool)
         out[:, :, _I["skipped"]] = skipped[:, None]
-    return Derived(rows.steps.copy(), out, rows.order)
+    params, measured = derive_params(rows.params)
+    d = Derived(rows.steps.copy(), out, rows.order, params)
+    d.params_measured = measured
+    return d
+
+
+def derive_params(sq: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """Sums of squares (:data:`~lit_probe.stats.PARAM_COLUMNS`, -1 where not measured) -> the norms and the
+    update ratio (NaN where not measured), and where each was measured (a measured NaN is a finding)."""
+    if sq is None:
+        return None, None
+    sq = sq.astype(np.float64)
+    measured = sq != -1.0
+    with np.errstate(all="ignore"):
+        norms = np.sqrt(np.where(measured, sq, np.nan))
+        w, d = norms[..., 0], norms[..., 2]
+        ratio = np.where(w > 0, d / w, np.nan)  # zero weights (a zero-initialised head): not a ratio
+    return np.stack([w, norms[..., 1], ratio], axis=-1), measured
 
 
 def nonfinite_flags(d: Derived) -> np.ndarray:
@@ -104,6 +128,7 @@ class History:
         self._steps = np.full(self.capacity, -1, dtype=np.int64)
         self._values = np.full((self.capacity, 0, len(STATS)), np.nan, dtype=np.float32)
         self._latest = np.full((0, len(STATS)), np.nan)
+        self.params_latest = np.full((0, len(PARAM_STATS)), np.nan)  # per module with parameters
         self._n = 0  # total rows appended
         self._ensure(len(names))
 
@@ -119,6 +144,12 @@ class History:
     def append(self, d: Derived) -> None:
         n, slots = d.values.shape[:2]
         self._ensure(slots)
+        if d.params is not None and d.params.size:
+            if self.params_latest.shape[0] != d.params.shape[1]:
+                self.params_latest = np.full((d.params.shape[1], len(PARAM_STATS)), np.nan)
+            for row in d.params:
+                known = ~np.isnan(row)
+                self.params_latest[known] = row[known]
         for i in range(n):
             k = self._n % self.capacity
             self._steps[k] = d.steps[i]

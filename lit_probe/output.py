@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -176,17 +176,30 @@ class ProbeOutput:
         others spread over the model; what is not drawn is said once."""
         if self.renderer is None or not snapshots:
             return
-        first = [s for s in snapshots if s.name in with_findings]
-        rest = [s for s in snapshots if s.name not in with_findings]
+        for snap in self._pick(snapshots, lambda s: s.name, with_findings):
+            self.renderer.submit_layer(step, snap.name, snap.activation, snap.gradient, snap.dead,
+                                       layout=snap.layout, shape=snap.shape)
+
+    def parameters(self, step: int, hists: Mapping[str, tuple[Any, Any]], numel: Mapping[str, int],
+                   with_findings: set[str]) -> None:
+        """Queue the weight / parameter-gradient histograms of one figure step (same layer choice as
+        :meth:`figures`)."""
+        if self.renderer is None or not hists or "parameters" not in self.figure_kinds:
+            return
+        for name in self._pick(list(hists), lambda n: n, with_findings):
+            w, g = hists[name]
+            self.renderer.submit_parameters(step, name, w, g, int(numel.get(name, len(w))))
+
+    def _pick(self, items: Sequence[Any], name: Callable[[Any], str], with_findings: set[str]) -> list[Any]:
+        first = [x for x in items if name(x) in with_findings]
+        rest = [x for x in items if name(x) not in with_findings]
         n = self.max_figure_layers
         if n is not None and len(rest) > n:
             pick = sorted({round(k * (len(rest) - 1) / max(n - 1, 1)) for k in range(n)}) if n > 0 else []
             self.say(f"lit_probe: figures of {len(pick)} of {len(rest)} layers without findings are drawn per "
                      f"figure step (max_figure_layers={n}); layers with findings are always drawn.")
             rest = [rest[k] for k in pick]
-        for snap in first + rest:
-            self.renderer.submit_layer(step, snap.name, snap.activation, snap.gradient, snap.dead,
-                                       layout=snap.layout, shape=snap.shape)
+        return first + rest
 
     def timeline(self, step: int, tl: Any) -> None:
         """Queue the health timeline."""

@@ -76,7 +76,7 @@ __all__ = ["BACKENDS", "FIGURE_KINDS", "SKIP_REASONS", "TIMELINE_LAYER", "Figure
 log = logging.getLogger(__name__)
 
 #: Figure kinds a :class:`FigureRenderer` can draw; also the figure names used in file names and W&B keys.
-FIGURE_KINDS: tuple[str, ...] = ("activations", "gradients", "histograms", "timeline")
+FIGURE_KINDS: tuple[str, ...] = ("activations", "gradients", "histograms", "timeline", "parameters")
 #: The pseudo layer name the timeline figure is written under.
 TIMELINE_LAYER = "_all"
 #: Where figures are drawn: a separate process (default) or a thread of the training process.
@@ -426,7 +426,8 @@ class _Drawer:
         self._touched = set()
         pngs: list[tuple[str, str, int, bytes]] = []
         failures: list[tuple[str, str, int, str, str]] = []
-        makers = {"layer": self._layer, "timeline": self._timeline, "gradcam": self._gradcam}[job.kind]
+        makers = {"layer": self._layer, "timeline": self._timeline, "gradcam": self._gradcam,
+                  "parameters": self._parameters}[job.kind]
         for layer, figure, step, make in makers(*job.args):
             try:
                 png = figure_to_png(make(), dpi=self.dpi)
@@ -501,6 +502,17 @@ class _Drawer:
         title = f"layer health · {len(layers)} layers · up to step {step}"
         yield TIMELINE_LAYER, "timeline", step, lambda: health_timeline(
             layers, steps, act_rms, grad_rms, dead_fraction, findings, title=title)
+
+    def _parameters(self, step: int, layer: str, weights: np.ndarray, grads: np.ndarray | None,
+                    numel: int) -> Iterator[_Maker]:
+        def hist() -> Figure:
+            every = "" if weights.size >= numel else f" (every {-(-numel // max(weights.size, 1)):,}th)"
+            panels = [(f"weights: {weights.size:,} of {numel:,} values{every}", weights)]
+            if grads is not None:
+                panels.append((f"parameter gradients: {grads.size:,} of {numel:,} values{every}", grads))
+            return histograms(panels, title=f"{layer} · parameters · step {step}", bins=self.bins)
+
+        yield layer, "parameters", step, hist
 
     def _gradcam(self, step: int, layer: str, overlays: np.ndarray, labels: list[str]) -> Iterator[_Maker]:
         title = f"{layer} · Grad-CAM · step {step}"
@@ -798,6 +810,26 @@ class FigureRenderer:
             [tuple(f) for f in findings],
         )
         return self._submit("timeline", args, [(TIMELINE_LAYER, "timeline", step)], urgent=urgent)
+
+    def submit_parameters(self, step: int, layer: str, weights: np.ndarray, grads: np.ndarray | None,
+                          numel: int) -> bool:
+        """Queue the histograms of a module's weights and parameter gradients (figure ``"parameters"``).
+
+        Args:
+            step: the trainer's global step.
+            layer: the module.
+            weights: a sample of its weights (1-D), ``grads``: of their gradients (``None``: none this step).
+            numel: how many weights the module has (titles say what the sample covers).
+
+        Returns:
+            ``True`` when queued; ``False`` when refused or ``"parameters"`` is not requested.
+        """
+        if "parameters" not in self.figures:
+            return False
+        w = np.array(weights, dtype=np.float32, copy=True).reshape(-1)
+        g = None if grads is None else np.array(grads, dtype=np.float32, copy=True).reshape(-1)
+        step, layer = int(step), str(layer)
+        return self._submit("parameters", (step, layer, w, g, int(numel)), [(layer, "parameters", step)])
 
     def submit_gradcam(self, step: int, layer: str, overlays: np.ndarray,
                        labels: Sequence[str] | None = None) -> bool:

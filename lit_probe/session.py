@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,7 +31,10 @@ from .history import History, derive
 from .hooks import HookRegistry, iter_tensors, warn_once
 from .selection import resolve
 from .stats import StatBuffer, merge_ranks, pack_rows
-from .vocab import ACTIVATION, GRADIENT, MAX_CALLS, is_relu_like, stream_name, unit_dim, unit_layouts
+
+if TYPE_CHECKING:
+    from .params import ParamWatch
+from .vocab import ACTIVATION, GRADIENT, MAX_CALLS, PARAMETER, is_relu_like, stream_name, unit_dim, unit_layouts
 
 __all__ = ["ProbeSession", "LayerSnapshot", "Timeline", "SIGNAL_ACT", "SIGNAL_GRAD"]
 
@@ -93,13 +96,16 @@ class ProbeSession:
         root: the model the names are relative to (improves which dimension holds the units of
             element-wise layers: see :func:`lit_probe.vocab.unit_layouts`).
         max_calls: calls of one module per step with a stream of their own (later calls merge into the last).
+        param_scope: with the ``"parameter"`` signal, a module's own parameters (``"own"``) or its whole subtree's
+            (``"recursive"``); see :mod:`lit_probe.params`.
     """
 
     def __init__(self, modules: Sequence[tuple[str, nn.Module]], *,
                  signals: Sequence[str] = (SIGNAL_ACT, SIGNAL_GRAD), every_n_steps: int = 1,
                  thresholds: Thresholds | Mapping[str, float] | None = None, history_size: int = 1000,
                  ring_rows: int = 64, gather: Callable[[np.ndarray], list[np.ndarray]] | None = None,
-                 full_warmup_steps: int = 10, root: nn.Module | None = None, max_calls: int = MAX_CALLS) -> None:
+                 full_warmup_steps: int = 10, root: nn.Module | None = None, max_calls: int = MAX_CALLS,
+                 param_scope: str = "own") -> None:
         self.names = [n for n, _ in modules]
         self.modules = [m for _, m in modules]
         self.signals = tuple(signals)
@@ -120,6 +126,11 @@ class ProbeSession:
         self.dead_judged: list[bool] = []
         self._slots: dict[tuple[int, int, str], int] = {}
         self.buffer = StatBuffer(2 * n, ring_rows)
+        self.params: ParamWatch | None = None
+        if PARAMETER in self.signals:
+            from .params import ParamWatch
+
+            self.params = ParamWatch(list(zip(self.names, self.modules)), self.buffer, param_scope)
         self.history = History(self.slot_names, history_size)
         for i in range(n):
             for signal in (SIGNAL_ACT, SIGNAL_GRAD):
@@ -189,12 +200,16 @@ class ProbeSession:
         self.capture = None
         self.recent, self._kept = None, {}
         self.registry.remove()
+        if self.params is not None:
+            self.params.remove()
 
     def release(self) -> None:
         """Close and drop every reference to the model and to device memory; the history stays."""
         self.close()
         self.modules = []
         self.buffer.release()
+        if self.params is not None:
+            self.params.release()
 
     @property
     def is_open(self) -> bool:
@@ -236,6 +251,8 @@ class ProbeSession:
     def end_step(self) -> None:
         self.collecting = False
         self.buffer.commit()
+        if self.params is not None:
+            self.params.end_step()
         if self._record and self.recent is not None:
             self._kept[self.step] = self.recent
             for old in sorted(self._kept)[:-2]:  # the last two steps (a GPU alarm is read a step later)
@@ -277,6 +294,22 @@ class ProbeSession:
             return next(iter(pins.values()), [])
         return pins.get(step, [])
 
+    def bind_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """The parameter signal: map the probed parameters onto ``optimizers`` and hook their steps (after each
+        step: the update). Without the signal, nothing."""
+        if self.params is not None:
+            self.params.bind(optimizers)
+
+    def before_optimizer_step(self, optimizer: Any) -> None:
+        """Just before ``optimizer`` updates (gradients final: unscaled, before clipping): weight and gradient
+        norms of its probed parameters; on full steps also a copy, for the update ratio after the step."""
+        if self.params is not None and self.collecting:
+            self.params.before_step(optimizer, self.full)
+
+    def take_param_histograms(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """Weights and parameter gradients copied at this figure step's optimizer step, per module."""
+        return self.params.take_histograms() if self.params is not None else {}
+
     def record_recent(self, on: bool = True, samples: int = 1, channels: int = 64) -> None:
         """Flight recorder: keep, for the last two steps, a small device copy of what figures show of every
         stream (one small kernel per stream and step), so that :meth:`sentinel_alarm` can pin the figures of
@@ -292,6 +325,8 @@ class ProbeSession:
         self.capture = {}
         self.capture_samples = max(1, int(samples))
         self.capture_channels = max(1, int(channels))
+        if self.params is not None:
+            self.params.request_histograms()
 
     # ------------------------------------------------------------------ hot path (called by hooks)
     @torch.compiler.disable  # under torch.compile: run eagerly, never traced (no recompiles of probe code)
@@ -371,8 +406,14 @@ class ProbeSession:
         grad_slots = np.array([s == SIGNAL_GRAD for s in self.slot_signals[:host.calls.shape[1]]], dtype=bool)
         d = derive(host, grad_slots, ~grad_slots)
         self.history.append(d)
+        pm = None
+        if self.params is not None and len(self.params):
+            from .diagnose import ParamModules
+
+            self.params.update_lrs()
+            pm = ParamModules(self.params.names, self.params.groups, self.params.lrs.copy())
         self.diagnosis, new = diagnose(self.diagnosis, d, units, self.buffer.first_seen, self.slot_names,
-                                       self.slot_signals, self.dead_judged, self.thresholds)
+                                       self.slot_signals, self.dead_judged, self.thresholds, pm)
         self.findings.extend(new)
         self.units = units
         step = int(host.steps[-1])
@@ -401,6 +442,14 @@ class ProbeSession:
                         out[metric_key(self.slot_names[s], signal, stat)] = float(values[s])
         for name, v in self.dead_fractions().items():
             out[f"{name}/dead_fraction"] = v
+        if self.params is not None:
+            from .history import PARAM_STATS
+
+            latest = self.history.params_latest
+            for m, name in enumerate(self.params.names[:latest.shape[0]]):
+                for k, stat in enumerate(PARAM_STATS):
+                    if not np.isnan(latest[m, k]):
+                        out[f"{name}/{stat}"] = float(latest[m, k])
         return out
 
     def take_snapshots(self) -> list[LayerSnapshot]:

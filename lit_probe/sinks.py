@@ -417,6 +417,11 @@ class WandbSink:
             return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
 
         data = [[cell(row.get(c)) for c in columns] for row in rows]
+        for j in range(len(columns)):  # a W&B table column has one type: a "nan" among numbers makes it text
+            kinds = {type(r[j]) for r in data if r[j] is not None}
+            if str in kinds and len(kinds) > 1:
+                for r in data:
+                    r[j] = None if r[j] is None else str(r[j])
         if not columns:
             columns, data = ["message"], []
         if self.is_logger and hasattr(self.target, "log_table"):

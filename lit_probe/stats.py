@@ -32,6 +32,11 @@ max        maximum                                  max
 
 The host keeps, per (row, slot), the number of calls, of elements and of full calls, and the order in
 which slots were first seen in the step (forward order for activations, backward order for gradients).
+
+Parameters (the ``"parameter"`` signal) have a ring of their own in the same buffer and the same copy: per
+(step row, module that owns parameters) the sums of squares of its weights (before the optimizer step), of
+their gradients, and of the update ``W_after - W_before`` (:data:`PARAM_COLUMNS`), added by one
+``index_add_`` per optimizer step from fused multi-tensor norms (:mod:`lit_probe.params`).
 """
 
 from __future__ import annotations
@@ -42,9 +47,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["COLUMNS", "StatBuffer", "HostRows", "pack_rows", "merge_ranks"]
+__all__ = ["COLUMNS", "PARAM_COLUMNS", "StatBuffer", "HostRows", "pack_rows", "merge_ranks"]
 
 COLUMNS = ("nonfinite", "nonzero", "sum", "l2", "min", "max")
+#: Per (row, module with parameters): sums of squares of weights, parameter gradients and the update.
+PARAM_COLUMNS = ("weight_sq", "grad_sq", "update_sq")
 _NF, _NZ, _SUM, _L2, _MIN, _MAX = range(6)
 _FLOATS = (torch.float32, torch.float64)
 #: Elements (at least) over which the non-finite and non-zero counts are taken on full steps.
@@ -75,11 +82,13 @@ class HostRows:
     order: list[list[int]]
     counted: np.ndarray  # [n, slots] elements the counts (nonfinite, nonzero) were taken over
     scale: np.ndarray  # [n, 2] loss scale at step start / end (NaN when no scaler)
+    params: np.ndarray | None = None  # [n, modules, 3] PARAM_COLUMNS, -1 where not measured at that step
 
     def first_slots(self, k: int) -> "HostRows":
         """The rows restricted to slots ``[0, k)`` (the buffer keeps spare room for new streams)."""
         return HostRows(self.steps, self.dev[:, :k], self.calls[:, :k], self.numel[:, :k], self.full[:, :k],
-                        [[s for s in o if s < k] for o in self.order], self.counted[:, :k], self.scale)
+                        [[s for s in o if s < k] for o in self.order], self.counted[:, :k], self.scale,
+                        self.params)
 
 
 class StatBuffer:
@@ -113,6 +122,20 @@ class StatBuffer:
         self._sent_max: list[torch.Tensor] = []
         self._sent_slot: list[int] = []
         self._zero_pending = False
+        self.params = 0  # modules with parameters (ensure_params)
+        self._pbuf: torch.Tensor | None = None
+        self.pmeasured = np.zeros((self.rows, 0, len(PARAM_COLUMNS)), dtype=np.int64)
+
+    def ensure_params(self, modules: int) -> None:
+        """Room for the parameter statistics of ``modules`` modules (set once, before the first step)."""
+        if modules <= self.params:
+            return
+        self.params = int(modules)
+        self.pmeasured = np.zeros((self.rows, self.params, len(PARAM_COLUMNS)), dtype=np.int64)
+        if self._buf is not None:
+            with torch.inference_mode(False):
+                self._pbuf = torch.zeros((self.rows, self.params, len(PARAM_COLUMNS)), dtype=torch.float32,
+                                         device=self.device)
 
     def ensure_slots(self, slots: int) -> None:
         """Make room for ``slots`` streams (a new module call seen). Grows by half at least, so it happens a few
@@ -148,6 +171,7 @@ class StatBuffer:
         self.full[r] = 0
         self.counted[r] = 0
         self.order[r] = []
+        self.pmeasured[r] = 0
         self.steps[r] = step
         self._pending.append(r)
         if self._buf is not None:
@@ -167,6 +191,8 @@ class StatBuffer:
         buf[r, :, _MIN].fill_(math.inf)
         buf[r, :, _MAX].fill_(-math.inf)
         self._scale[r].fill_(math.nan)  # type: ignore[index]
+        if self._pbuf is not None:
+            self._pbuf[r].zero_()
 
     def _alloc(self, device: torch.device) -> None:
         with torch.inference_mode(False):  # buffers made inside validation must stay usable in training
@@ -176,6 +202,9 @@ class StatBuffer:
         self.device = device
         self._buf = torch.zeros((self.rows, self.slots, len(COLUMNS)), dtype=torch.float32, device=device)
         self._scale = torch.full((self.rows, 2), math.nan, dtype=torch.float32, device=device)
+        if self.params:
+            self._pbuf = torch.zeros((self.rows, self.params, len(PARAM_COLUMNS)), dtype=torch.float32,
+                                     device=device)
         self.last_fired = {s: t.to(device) for s, t in self.last_fired.items()}  # restored from a checkpoint
         if self._zero_pending:
             for r in self._pending:
@@ -297,6 +326,20 @@ class StatBuffer:
         # NaN is "not known", never "did not fire": a NaN step must not make every unit look dead later
         last.masked_fill_(per_unit.le(0).logical_not_(), float(self.step))
 
+    def observe_params(self, column: int, modules: torch.Tensor, host_modules: np.ndarray,
+                       squares: torch.Tensor) -> None:
+        """Add ``squares[k]`` (a sum of squares, e.g. a squared fused norm) to module ``modules[k]``'s
+        ``column`` of the current row: one ``index_add_``, no host sync. ``host_modules`` is the same index on
+        the host (which modules were measured is host knowledge)."""
+        if self._buf is None:
+            self._alloc(squares.device)
+        if not self._pending or self._pbuf is None:
+            return
+        if squares.device != self.device:
+            squares = squares.to(self.device, non_blocking=True)
+        self._pbuf[self.row, :, column].index_add_(0, modules, squares.to(torch.float32))
+        np.add.at(self.pmeasured[self.row, :, column], host_modules, 1)
+
     def record_scale(self, scale: torch.Tensor | float | None, end: bool) -> None:
         """Record the loss scale in force (GradScaler) for the current step (device copy, no sync)."""
         if self._scale is None or not self._pending or scale is None:
@@ -321,12 +364,20 @@ class StatBuffer:
             return host, {}
         idx = torch.as_tensor(rows, device=self.device)
         parts = [self._buf.index_select(0, idx).reshape(-1), self._scale.index_select(0, idx).reshape(-1)]  # type: ignore[union-attr]
+        if self._pbuf is not None:
+            parts.append(self._pbuf.index_select(0, idx).reshape(-1))
         parts += [self.last_fired[s] for s in unit_slots]
         flat = torch.cat(parts).cpu().numpy()  # the one device->host copy
         off = n * slots * len(COLUMNS)
         dev = flat[:off].reshape(n, slots, len(COLUMNS))
         scale = flat[off:off + 2 * n].reshape(n, 2)
         off += 2 * n
+        params = None
+        if self._pbuf is not None:
+            k = n * self.params * len(PARAM_COLUMNS)
+            raw = flat[off:off + k].reshape(n, self.params, len(PARAM_COLUMNS)).astype(np.float64)
+            params = np.where(self.pmeasured[rows] > 0, raw, -1.0)  # -1: not measured (a NaN may be measured)
+            off += k
         units = {}
         for s in unit_slots:
             k = self.last_fired[s].numel()
@@ -334,13 +385,13 @@ class StatBuffer:
             off += k
         host = HostRows(self.steps[rows].copy(), dev, self.calls[rows].copy(), self.numel[rows].copy(),
                         self.full[rows].copy(), [list(self.order[r]) for r in rows], self.counted[rows].copy(),
-                        scale)
+                        scale, params)
         self._pending = []
         return host, units
 
     def release(self) -> None:
         """Drop the device buffers (after a run); a later step allocates them again."""
-        self._buf = self._scale = None
+        self._buf = self._scale = self._pbuf = None
         self._sent_min, self._sent_max, self._sent_slot = [], [], []
         self.device = None
         self.last_fired = {}
@@ -370,17 +421,18 @@ def pack_rows(host: HostRows, units: dict[int, np.ndarray]) -> np.ndarray:
     order = np.full((n, slots), -1.0)
     for i, o in enumerate(host.order):
         order[i, o] = np.arange(len(o))
-    parts = [np.array([n, slots, len(units)], np.float64), host.steps.astype(np.float64),
+    params = host.params if host.params is not None else np.zeros((n, 0, 3))
+    parts = [np.array([n, slots, len(units), params.shape[1]], np.float64), host.steps.astype(np.float64),
              host.dev.astype(np.float64).ravel(), host.calls.ravel(), host.numel.ravel(), host.full.ravel(),
-             host.counted.ravel(), host.scale.astype(np.float64).ravel(), order.ravel()]
+             host.counted.ravel(), host.scale.astype(np.float64).ravel(), order.ravel(), params.ravel()]
     for s, arr in sorted(units.items()):
         parts += [np.array([s, arr.size], np.float64), arr.astype(np.float64)]
     return np.concatenate([p.astype(np.float64).ravel() for p in parts])
 
 
 def _unpack_rows(vec: np.ndarray) -> tuple[HostRows, dict[int, np.ndarray]]:
-    n, slots, nu = (int(x) for x in vec[:3])
-    off = 3
+    n, slots, nu, npar = (int(x) for x in vec[:4])
+    off = 4
 
     def take(k: int, shape: tuple[int, ...]) -> np.ndarray:
         nonlocal off
@@ -393,12 +445,13 @@ def _unpack_rows(vec: np.ndarray) -> tuple[HostRows, dict[int, np.ndarray]]:
     calls, numel, full, counted = (take(n * slots, (n, slots)).astype(np.int64) for _ in range(4))
     scale = take(2 * n, (n, 2)).astype(np.float32)
     pos = take(n * slots, (n, slots))
+    params = take(n * npar * 3, (n, npar, 3)).copy() if npar else None
     order = [[int(s) for s in np.argsort(np.where(p >= 0, p, np.inf), kind="stable") if p[s] >= 0] for p in pos]
     units = {}
     for _ in range(nu):
         s, k = (int(x) for x in take(2, (2,)))
         units[s] = take(k, (k,)).astype(np.float32)
-    return HostRows(steps, dev, calls, numel, full, order, counted, scale), units
+    return HostRows(steps, dev, calls, numel, full, order, counted, scale, params), units
 
 
 def merge_ranks(vectors: list[np.ndarray]) -> tuple[HostRows, dict[int, np.ndarray]]:
@@ -427,7 +480,8 @@ def merge_ranks(vectors: list[np.ndarray]) -> tuple[HostRows, dict[int, np.ndarr
         order.append([s for s in seen if s < slots])
     merged = HostRows(base.steps[:n], out.astype(np.float32),
                       *(sum(getattr(h, f)[:n, :slots] for h in hosts) for f in ("calls", "numel", "full")),
-                      order, sum(h.counted[:n, :slots] for h in hosts), base.scale[:n])
+                      order, sum(h.counted[:n, :slots] for h in hosts), base.scale[:n],
+                      None if base.params is None else base.params[:n])  # parameters: replicated, rank 0's
     units: dict[int, np.ndarray] = {}
     for _, u in ranks:
         for s, arr in u.items():

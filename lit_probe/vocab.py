@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from torch import nn
 
 __all__ = [
-    "ACTIVATION", "GRADIENT", "SIGNALS", "FIGURE_KINDS", "LOGGED_STATS", "CALL_SEP", "MAX_CALLS",
+    "ACTIVATION", "GRADIENT", "PARAMETER", "SIGNALS", "FIGURE_KINDS", "LOGGED_STATS", "CALL_SEP", "MAX_CALLS",
     "stream_name", "split_stream", "metric_key", "layout_for_module", "unit_layouts", "unit_dim",
     "is_relu_like",
 ]
@@ -24,10 +24,12 @@ __all__ = [
 ACTIVATION = "activation"
 #: d loss / d output of a module.
 GRADIENT = "gradient"
-SIGNALS = (ACTIVATION, GRADIENT)
+#: The weights a module owns, their gradients and the optimizer's update of them (:mod:`lit_probe.params`).
+PARAMETER = "parameter"
+SIGNALS = (ACTIVATION, GRADIENT, PARAMETER)
 
 #: Figure kinds ``FeatureProbe(figures=...)`` accepts; also file names (``<layer>/<kind>.png``) and W&B keys.
-FIGURE_KINDS = ("activations", "gradients", "histograms", "timeline")
+FIGURE_KINDS = ("activations", "gradients", "histograms", "timeline", "parameters")
 
 #: Statistics logged per stream at log steps, as ``probe/<stream>/<prefix>_<stat>`` (prefix ``act`` or ``grad``).
 LOGGED_STATS = {ACTIVATION: ("rms", "mean", "absmax", "zero_fraction", "nonfinite"),

@@ -22,9 +22,9 @@ LEAVES = {"demo", "__main__"}  # ...besides leaves nothing imports
 # what each core module may import from lit_probe (down the pipeline only)
 ALLOWED = {
     "errors": set(), "vocab": set(), "findings": set(), "selection": {"errors"},
-    "stats": set(), "hooks": set(), "snapshots": {"vocab"}, "history": {"stats"},
+    "stats": set(), "hooks": set(), "params": {"stats"}, "snapshots": {"vocab"}, "history": {"stats"},
     "diagnose": {"findings", "history", "selection", "errors"},
-    "session": {"diagnose", "findings", "history", "hooks", "selection", "stats", "vocab", "snapshots"},
+    "session": {"diagnose", "findings", "history", "hooks", "params", "selection", "stats", "vocab", "snapshots"},
     "mixin": set(), "extract": {"selection", "errors", "hooks"}, "gradcam": {"selection", "errors"},
     "figures": set(), "render": {"figures"}, "sinks": set(), "report": {"findings", "sinks"},
     "output": {"findings", "sinks", "render", "report"},

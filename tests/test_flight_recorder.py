@@ -1,7 +1,8 @@
 """The flight recorder draws a finding's figures from the very step that fired (issue 14), not the next one.
 
 The bug: at step 7 only, one layer's output gets a huge value in every odd channel (beyond the explosion bound);
-the learning rate is 0, so every other step is healthy and identical in kind. The figures at the finding must
+the learning rate is 0, so every other step is healthy and identical in kind (the parameter signal is off: it
+would rightly say that nothing learns). The figures at the finding must
 show step 7's values (the oracle: the injected tensor, kept by a plain forward hook), not step 8's."""
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def test_fit_draws_the_step_that_fired_beside_the_last_one_before(tmp_path, on_f
     net = _net()
     p = FeatureProbe(probes=["net.*"], every_n_steps=1, figure_every_n_steps=5, figures=("activations",),
                      save_dir=str(tmp_path / "probe"), log_every_n_steps=4, max_figure_layers=None,
-                     on_finding=on_finding, figure_wait_s=None)
+                     on_finding=on_finding, figure_wait_s=None, signals=("activation", "gradient"))
     with pytest.warns(Warning):
         trainer(tmp_path, callbacks=[p], max_steps=12).fit(StepAware(net, lr=0.0), make_loader(n=192))
     cause = [f for f in p.findings if f.cause][0]

@@ -1,0 +1,259 @@
+"""Params
+======
+
+The parameter signal: per probed module that owns parameters, the norm of its weights, of their gradients and
+of the optimizer's update, measured around each optimizer step with fused multi-tensor norms
+(``torch._foreach_norm``: one call per optimizer step for all of them, not a kernel per parameter) and added
+to the :class:`~lit_probe.stats.StatBuffer`'s parameter ring (same row, same one copy per log step).
+
+* :meth:`ParamWatch.before_step` (Lightning's ``on_before_optimizer_step``: gradients unscaled under AMP, before
+  clipping): ``||W||`` and ``||grad||`` of the optimizer's probed parameters, every step; on full-statistics
+  steps also a copy of those parameters.
+* :meth:`ParamWatch.after_step` (a ``register_step_post_hook`` on the optimizer: it also runs under manual
+  optimisation): ``||W_after - W_before||`` from that copy, which is freed at once.
+
+A module's parameters are its own (``recurse=False``) unless ``scope="recursive"``. Parameters with
+``requires_grad=False`` are frozen by the user: not measured, said once (:attr:`ParamWatch.frozen`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .stats import PARAM_COLUMNS, StatBuffer
+
+__all__ = ["ParamWatch", "PARAM_SCOPES"]
+
+PARAM_SCOPES = ("own", "recursive")
+_W, _G, _D = range(len(PARAM_COLUMNS))
+#: Values per module copied for the parameter histograms of a figure step.
+HIST_VALUES = 20000
+
+
+def _stack(norms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """0-d norms (of any floating dtypes) as one float32 vector."""
+    if len({n.dtype for n in norms}) > 1:
+        norms = [n.float() for n in norms]
+    return torch.stack(list(norms)).float()
+
+
+class _Plan:
+    """One optimizer's share of the probed parameters: unique tensors and, per (parameter, module) pair, its
+    index into them and the module's row."""
+
+    def __init__(self, params: list[nn.Parameter], pair_param: list[int], pair_module: list[int]) -> None:
+        self.params = params
+        self.pair_param = np.asarray(pair_param, dtype=np.int64)
+        self.pair_module = np.asarray(pair_module, dtype=np.int64)
+        self.device_index: dict[Any, tuple[torch.Tensor, ...]] = {}
+        self.before: list[torch.Tensor] | None = None
+        self.copied: list[int] = []
+
+
+class ParamWatch:
+    """Parameter statistics of the probed modules that own parameters.
+
+    Args:
+        modules: ``(name, module)`` pairs (the probed modules, in registration order).
+        buffer: the session's buffer; its parameter ring gets one row per module in :attr:`names`.
+        scope: ``"own"`` (a module's own parameters) or ``"recursive"`` (its whole subtree).
+    """
+
+    def __init__(self, modules: Sequence[tuple[str, nn.Module]], buffer: StatBuffer, scope: str = "own") -> None:
+        if scope not in PARAM_SCOPES:
+            raise ValueError(f"scope must be one of {PARAM_SCOPES}, got {scope!r}")
+        self.buffer = buffer
+        self.names: list[str] = []
+        self.owned: list[list[nn.Parameter]] = []
+        self.frozen: list[str] = []
+        for name, m in modules:
+            ps = list(m.parameters(recurse=scope == "recursive"))
+            live = [p for p in ps if p.requires_grad]
+            if ps and not live:
+                self.frozen.append(name)
+            if live:
+                self.names.append(name)
+                self.owned.append(live)
+        self.numel = np.array([sum(p.numel() for p in ps) for ps in self.owned], dtype=np.int64)
+        buffer.ensure_params(len(self.names))
+        self._plans: dict[int, _Plan] = {}
+        self._handles: list[Any] = []
+        self.groups = np.zeros(len(self.names), dtype=np.int64)  # (optimizer, group) id per module
+        self.lrs = np.full(len(self.names), np.nan)  # that group's current learning rate
+        self._group_of: list[tuple[int, int]] = [(-1, -1)] * len(self.names)
+        self.orphans: list[str] = []  # modules whose parameters are in no optimizer
+        self.hist: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = None
+        self._optimizers: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Map the parameters onto ``optimizers`` (fit start) and hook each optimizer's step (removable)."""
+        self.remove()
+        where: dict[int, tuple[int, int]] = {}
+        for o, opt in enumerate(optimizers):
+            for g, group in enumerate(opt.param_groups):
+                for p in group["params"]:
+                    where.setdefault(id(p), (o, g))
+        for o, opt in enumerate(optimizers):
+            uniq: dict[int, int] = {}
+            params: list[nn.Parameter] = []
+            pair_param, pair_module = [], []
+            for m, ps in enumerate(self.owned):
+                for p in ps:
+                    if where.get(id(p), (-1,))[0] != o:
+                        continue
+                    if id(p) not in uniq:
+                        uniq[id(p)] = len(params)
+                        params.append(p)
+                    pair_param.append(uniq[id(p)])
+                    pair_module.append(m)
+            if params:
+                self._plans[id(opt)] = _Plan(params, pair_param, pair_module)
+                self._handles.append(opt.register_step_post_hook(self._post_hook))
+        for m, ps in enumerate(self.owned):
+            biggest = max(ps, key=lambda p: p.numel())
+            self._group_of[m] = where.get(id(biggest), (-1, -1))
+            self.groups[m] = self._group_of[m][0] * 10000 + self._group_of[m][1]
+            if all(id(p) not in where for p in ps):
+                self.orphans.append(self.names[m])
+        self._optimizers = list(optimizers)
+        self.update_lrs()
+
+    def update_lrs(self) -> None:
+        """The current learning rate of each module's (largest parameter's) group (schedulers change it)."""
+        for m, (o, g) in enumerate(self._group_of):
+            try:
+                lr = self._optimizers[o].param_groups[g]["lr"] if o >= 0 else np.nan
+                self.lrs[m] = float(lr)
+            except (IndexError, KeyError, TypeError, ValueError, AttributeError):
+                self.lrs[m] = np.nan
+
+    def remove(self) -> None:
+        """Remove the optimizer hooks and drop every copy (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._plans = {}
+        self.hist = None
+
+    def release(self) -> None:
+        """:meth:`remove`, and drop every reference to the model's parameters and optimizers (names stay)."""
+        self.remove()
+        self.owned = [[] for _ in self.names]
+        self._optimizers = []
+
+    # ------------------------------------------------------------------ around the optimizer step
+    def _index(self, plan: _Plan, keep: np.ndarray,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """For the kept (parameter, module) pairs: parameter indices and module rows on ``device`` (cached), and
+        the module rows on the host."""
+        key = (device, keep.tobytes())
+        mods = plan.pair_module[keep]
+        hit = plan.device_index.get(key)
+        if hit is None:
+            if len(plan.device_index) > 16:
+                plan.device_index.clear()
+            hit = plan.device_index[key] = (torch.as_tensor(plan.pair_param[keep], device=device),
+                                            torch.as_tensor(mods, device=device))
+        return hit[0], hit[1], mods
+
+    @torch.no_grad()
+    def before_step(self, optimizer: Any, full: bool) -> None:
+        """``||W||`` and ``||grad||`` of ``optimizer``'s probed parameters; with ``full``, a copy for the update."""
+        plan = self._plans.get(id(getattr(optimizer, "optimizer", optimizer)))  # LightningOptimizer wraps
+        if plan is None or not plan.params:
+            return
+        params = plan.params
+        device = params[0].device
+        if any(p.device != device for p in params):  # model-parallel: norms per device, then one device
+            wn = [torch.linalg.vector_norm(p.detach()).to(device) for p in params]
+        else:
+            wn = torch._foreach_norm([p.detach() for p in params])
+        has_grad = np.array([p.grad is not None for p in params])
+        self._add(plan, _W, _stack(wn), np.ones(len(params), bool), device)
+        if has_grad.any():
+            grads = [p.grad.detach() for p in params if p.grad is not None]  # type: ignore[union-attr]
+            if any(g.is_sparse or g.device != device for g in grads):
+                gn = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g).to(device)
+                      for g in grads]
+            else:
+                gn = torch._foreach_norm(grads)
+            self._add(plan, _G, self._spread(plan, _stack(gn), has_grad, device), has_grad, device)
+        if full and has_grad.any():
+            plan.copied = [k for k in np.flatnonzero(has_grad)]
+            plan.before = torch._foreach_mul([params[k].detach() for k in plan.copied], 1.0)  # fused copy
+        if self.hist is not None:
+            self._histograms(plan)
+
+    def _spread(self, plan: _Plan, values: torch.Tensor, where: np.ndarray, device: torch.device) -> torch.Tensor:
+        """``values`` (one per True of ``where``) as one value per unique parameter (0 elsewhere)."""
+        if where.all():
+            return values
+        key = ("spread", device, where.tobytes())
+        idx = plan.device_index.get(key)
+        if idx is None:  # cached: no host-to-device copy per step
+            idx = plan.device_index[key] = (torch.as_tensor(np.flatnonzero(where), device=device),)
+        out = torch.zeros(len(plan.params), dtype=torch.float32, device=device)
+        return out.index_copy_(0, idx[0], values)
+
+    def _add(self, plan: _Plan, column: int, norms: torch.Tensor, measured: np.ndarray,
+             device: torch.device) -> None:
+        """Add the squared ``norms`` (one per unique parameter, those ``measured``) to their modules' rows."""
+        keep = measured[plan.pair_param]
+        if keep.any():
+            pidx, midx, mods = self._index(plan, keep, device)
+            self.buffer.observe_params(column, midx, mods, norms.float().square()[pidx])
+
+    @torch.no_grad()
+    def _post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        plan = self._plans.get(id(optimizer))
+        if plan is None or plan.before is None:
+            return
+        before, plan.before = plan.before, None
+        params = [plan.params[k].detach() for k in plan.copied]
+        torch._foreach_sub_(before, params)  # in place: W_before - W_after, no new memory
+        dn = torch._foreach_norm(before)
+        del before
+        measured = np.zeros(len(plan.params), bool)
+        measured[plan.copied] = True
+        device = plan.params[0].device
+        self._add(plan, _D, self._spread(plan, _stack(dn), measured, device), measured, device)
+
+    def end_step(self) -> None:
+        """Drop copies whose optimizer step never came (a GradScaler skip: no update measured)."""
+        for plan in self._plans.values():
+            plan.before = None
+
+    # ------------------------------------------------------------------ figures
+    def request_histograms(self) -> None:
+        """At the next optimizer step, copy up to :data:`HIST_VALUES` weights and gradients per module."""
+        self.hist = {}
+
+    def take_histograms(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """``name -> (weights, gradients or None)`` copied since :meth:`request_histograms`."""
+        hist, self.hist = self.hist, None
+        return {self.names[m]: v for m, v in sorted((hist or {}).items())}
+
+    def _histograms(self, plan: _Plan) -> None:
+        assert self.hist is not None
+        for m in sorted(set(plan.pair_module.tolist())):
+            if m in self.hist:
+                continue
+            ps = self.owned[m]
+            total = int(self.numel[m])
+            stride = max(1, -(-total // HIST_VALUES))
+
+            def sample(ts: list[torch.Tensor]) -> np.ndarray:
+                flat = torch.cat([t.detach().reshape(-1) for t in ts])[::stride]
+                return flat.to(device="cpu", dtype=torch.float32, copy=True).numpy()
+
+            grads = [p.grad for p in ps if p.grad is not None and not p.grad.is_sparse]
+            self.hist[m] = (sample(list(ps)), sample(grads) if len(grads) == len(ps) else None)
