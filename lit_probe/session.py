@@ -523,7 +523,8 @@ class ProbeSession:
         for row, (a, _) in enumerate(pairs):
             for st, frac in self._dead_log.get(a, []):
                 dead[row, steps >= st] = frac
-        marks = [(f.layer, f.step, f.kind, f.signal) for f in (self.findings if findings is None else findings)]
+        marks = [(f.layer, f.step, f.kind, f.signal) for f in (self.findings if findings is None else findings)
+                 if f.signal != PARAMETER]  # the timeline's panels are activations, gradients and dead units
         return Timeline(names, steps, act, grad, dead, marks)
 
     def never_fired(self) -> list[str]:

@@ -324,3 +324,15 @@ def test_plain_pytorch_loop_with_the_session():
     sc = session.latest_scalars()
     assert sc["6/update_ratio"] == 0.0 and sc["0/update_ratio"] > 0
     assert not opt._optimizer_step_post_hooks  # closed: the step hook is gone
+
+
+def test_parameter_findings_are_not_drawn_on_the_activation_timeline(tmp_path):
+    from lit_probe.findings import Finding
+
+    torch.manual_seed(0)
+    p = _probe(probes=["net.*"], log_every_n_steps=2)
+    trainer(tmp_path, callbacks=[p], max_steps=4).fit(Classifier(mlp(depth=2)), make_loader(n=64))
+    fake = [Finding(step=1, layer="net.0", signal="parameter", kind="not_learning", value=0.0, threshold=1e-3),
+            Finding(step=1, layer="net.1", signal="activation", kind="dead", value=1.0, threshold=0.5)]
+    tl = p.session.timeline(fake)
+    assert tl is not None and tl.marks == [("net.1", 1, "dead", "activation")]
