@@ -55,8 +55,9 @@ class ProbeCallback:
         log_every_n_steps: how often the host reads the statistics (one copy), runs the detectors and logs
             scalars; ``None``: the trainer's ``log_every_n_steps``. With ``on_finding`` ``"raise"`` or
             ``"stop"``, every step's min/max are also checked without a blocking read (a non-blocking copy,
-            checked one step later on a GPU): a NaN/Inf or a value beyond ``exploding_absmax`` is acted on at
-            once, with its exact step; the other rules run at log steps.
+            checked one step later on a GPU): a NaN/Inf, a value beyond ``exploding_absmax`` or beyond the
+            growth rule's bound of its stream (once its running median is known) is acted on at once, with its
+            exact step; the other rules run at log steps.
         thresholds: overrides of the detector thresholds (:class:`~lit_probe.Thresholds`), e.g.
             ``{"dead_fraction": 0.9}``.
         on_finding: ``"warn"`` (a :class:`ProbeWarning` per finding, rate-limited), ``"raise"``

@@ -507,11 +507,15 @@ def find_lr_too_high(st: Diagnosis, d: Derived, i: int, pm: ParamModules,
     groups = np.asarray(pm.groups)
     lrs = np.asarray(pm.lrs, dtype=np.float64)
     out = []
+    refs: dict[int, tuple[float, float]] = {}  # per group: median ratio and lr of the modules outside it
+    for g in np.unique(groups[ok]):
+        outside = ok & (groups != g)
+        ref = float(np.median(r[outside])) if outside.sum() >= MIN_PARAM_MODULES else math.nan
+        lr_out = lrs[outside][np.isfinite(lrs[outside])]
+        refs[int(g)] = (ref, float(np.median(lr_out)) if lr_out.size else math.nan)
     for m in np.flatnonzero(ok):
         m = int(m)
-        outside = ok & (groups != groups[m])
-        ref = float(np.median(r[outside])) if outside.sum() >= MIN_PARAM_MODULES else math.nan
-        ref_lr = float(np.nanmedian(lrs[outside])) if outside.any() and np.isfinite(lrs[outside]).any() else math.nan
+        ref, ref_lr = refs[int(groups[m])]
         higher_lr = lrs[m] == lrs[m] and ref_lr == ref_lr and lrs[m] > ref_lr
         grp = bool(higher_lr and ref > 0 and r[m] > t.lr_group_spread * ref)
         n_abs = _run(st, m, "lr_abs", bool(r[m] > t.lr_too_high_ratio))

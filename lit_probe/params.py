@@ -53,6 +53,7 @@ class _Plan:
         self.device_index: dict[Any, tuple[torch.Tensor, ...]] = {}
         self.before: list[torch.Tensor] | None = None
         self.copied: list[int] = []
+        self.one_device: bool | None = None
 
 
 class ParamWatch:
@@ -173,14 +174,16 @@ class ParamWatch:
             return
         params = plan.params
         device = params[0].device
-        if any(p.device != device for p in params):  # model-parallel: norms per device, then one device
+        if plan.one_device is None:
+            plan.one_device = all(p.device == device for p in params)
+        if not plan.one_device:  # model-parallel: norms per device, then one device
             wn = [torch.linalg.vector_norm(p.detach()).to(device) for p in params]
         else:
-            wn = torch._foreach_norm([p.detach() for p in params])
+            wn = torch._foreach_norm(params)  # under no_grad: no graph, no detach per tensor
         has_grad = np.array([p.grad is not None for p in params])
         self._add(plan, _W, _stack(wn), np.ones(len(params), bool), device)
         if has_grad.any():
-            grads = [p.grad.detach() for p in params if p.grad is not None]  # type: ignore[union-attr]
+            grads = [p.grad for p in params if p.grad is not None]
             if any(g.is_sparse or g.device != device for g in grads):
                 gn = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g).to(device)
                       for g in grads]
@@ -189,7 +192,7 @@ class ParamWatch:
             self._add(plan, _G, self._spread(plan, _stack(gn), has_grad, device), has_grad, device)
         if full and has_grad.any():
             plan.copied = [k for k in np.flatnonzero(has_grad)]
-            plan.before = torch._foreach_mul([params[k].detach() for k in plan.copied], 1.0)  # fused copy
+            plan.before = torch._foreach_mul([params[k] for k in plan.copied], 1.0)  # fused copy
         if self.hist is not None:
             self._histograms(plan)
 
@@ -218,7 +221,7 @@ class ParamWatch:
         if plan is None or plan.before is None:
             return
         before, plan.before = plan.before, None
-        params = [plan.params[k].detach() for k in plan.copied]
+        params = [plan.params[k] for k in plan.copied]
         torch._foreach_sub_(before, params)  # in place: W_before - W_after, no new memory
         dn = torch._foreach_norm(before)
         del before

@@ -160,6 +160,10 @@ class ProbeSession:
         self._record = False
         self._kept: dict[int, dict] = {}
         self.pinned: dict[int, list[LayerSnapshot]] = {}
+        # per slot, the bound the per-step alarm uses: the absolute one, or the growth rule's (exploding_growth x
+        # the stream's running median of absmax) once known, so a relative explosion alarms at its step too
+        self._alarm_bounds: np.ndarray | None = None
+        self._grad_mask: np.ndarray | None = None
 
     def _slot(self, i: int, call: int, signal: str) -> int:
         key = (i, call, signal)
@@ -267,18 +271,24 @@ class ProbeSession:
 
     def sentinel_alarm(self, bound: float) -> int | None:
         """Called once per step (``on_finding="raise"/"stop"``, the flight recorder): the step that showed a
-        non-finite value or an absolute value beyond ``bound``, or ``None``; no blocking read. On CUDA the
+        non-finite value or an absolute value beyond ``bound`` (or beyond the growth rule's bound of its stream,
+        once the stream's running median is known; gradients divided by the loss scale), or ``None``; no
+        blocking read. On CUDA the
         current step's min/max are copied without waiting and the previous step's copy is checked (the alarm
         comes one step later, its step stays exact); on CPU the copy costs nothing to wait for and the current
         step is checked. With :meth:`record_recent`, the alarmed step's figure inputs are pinned."""
         alarm = None
+        bounds = np.minimum(self._alarm_bounds, bound) if self._alarm_bounds is not None else bound
+        if self._grad_mask is None or len(self._grad_mask) != len(self.slot_signals):
+            self._grad_mask = np.array([s == SIGNAL_GRAD for s in self.slot_signals], dtype=bool)
+        grads = self._grad_mask
         if self._peeked is not None:
-            if self.buffer.alarm(self._peeked, bound):
+            if self.buffer.alarm(self._peeked, bounds, grads):
                 alarm = int(self._peeked[0])
             self._peeked = None
         peeked = self.buffer.peek()
         if peeked is not None and peeked[2] is None:  # no device pipeline to keep busy: check it now
-            if alarm is None and self.buffer.alarm(peeked, bound):
+            if alarm is None and self.buffer.alarm(peeked, bounds, grads):
                 alarm = int(peeked[0])
         else:
             self._peeked = peeked
@@ -416,10 +426,21 @@ class ProbeSession:
                                        self.slot_signals, self.dead_judged, self.thresholds, pm)
         self.findings.extend(new)
         self.units = units
+        self._alarm_bounds = self._bounds()
         step = int(host.steps[-1])
         for slot, frac in self.diagnosis.dead_latest.items():
             self._dead_log.setdefault(slot, []).append((step, frac))
         return new
+
+    def _bounds(self) -> np.ndarray:
+        t = self.thresholds
+        b = np.full(len(self.slot_names), float(t.exploding_absmax))
+        for slot, q in self.diagnosis.absmax.items():
+            if slot < len(b) and len(q) >= t.min_history:
+                med = float(np.median(q))
+                if med > 0:
+                    b[slot] = min(b[slot], t.exploding_growth * med)
+        return b
 
     def dead_fractions(self) -> dict[str, float]:
         """Latest dead fraction per stream judged for dead units (once its window has been seen)."""

@@ -228,13 +228,14 @@ class StatBuffer:
         """Start copying the current row's min/max to the host without waiting (``on_finding="raise"/"stop"``).
 
         Returns:
-            ``(step, host copy [slots, 2], event)``: on CUDA a pinned, non-blocking copy and an event recorded
-            after it (check it a step later: :meth:`alarm`); elsewhere a plain copy (``event`` None).
+            ``(step, host copy [2 * slots + 1], event)``: the row's min/max per slot and the loss scale in force;
+            on CUDA a pinned, non-blocking copy and an event recorded after it (check it a step later:
+            :meth:`alarm`); elsewhere a plain copy (``event`` None).
         """
         if self._buf is None or not self._pending:
             return None
         self.commit()
-        mm = self._buf[self.row, :, _MIN:_MAX + 1]
+        mm = torch.cat([self._buf[self.row, :, _MIN:_MAX + 1].reshape(-1), self._scale[self.row, :1]])  # type: ignore[index]
         if self.device is not None and self.device.type == "cuda":
             host = torch.empty(mm.shape, dtype=mm.dtype, pin_memory=True)
             host.copy_(mm, non_blocking=True)
@@ -244,15 +245,27 @@ class StatBuffer:
         return self.step, mm.detach().to("cpu", copy=True), None
 
     @staticmethod
-    def alarm(peeked: tuple[int, torch.Tensor, object], bound: float) -> bool:
-        """Whether a :meth:`peek` copy shows a non-finite value or one beyond ``bound`` (waits only for that
-        copy, issued a step earlier on CUDA)."""
+    def alarm(peeked: tuple[int, torch.Tensor, object], bound: float | np.ndarray,
+              grad_slots: np.ndarray | None = None) -> bool:
+        """Whether a :meth:`peek` copy shows a non-finite value or one beyond ``bound`` (a number, or one per
+        slot: slots beyond it use its last value); ``grad_slots`` are divided by the loss scale in force first
+        (a GradScaler's scaled gradients are not an explosion). Waits only for that copy, issued a step earlier
+        on CUDA."""
         _, host, event = peeked
         if event is not None:
             event.synchronize()  # type: ignore[attr-defined]
-        mm = host.numpy()
+        flat = host.numpy().astype(np.float64)
+        scale, mm = flat[-1], flat[:-1].reshape(-1, 2)
+        n = len(mm)
+        if grad_slots is not None and np.isfinite(scale) and scale > 0:
+            g = np.zeros(n, bool)
+            g[:min(n, len(grad_slots))] = grad_slots[:n]
+            mm[g] /= scale
+        b = np.asarray(bound, dtype=np.float64).reshape(-1)
+        if b.size != n:
+            b = np.concatenate([b[:n], np.full(max(0, n - b.size), b[-1])])
         with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(mm).all(axis=1) | (np.abs(mm).max(axis=1) > bound)
+            bad = ~np.isfinite(mm).all(axis=1) | (np.abs(mm).max(axis=1) > b)
         untouched = (mm[:, 0] == np.inf) & (mm[:, 1] == -np.inf)  # a slot nothing observed this step
         return bool((bad & ~untouched).any())
 

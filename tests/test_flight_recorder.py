@@ -128,3 +128,34 @@ def test_a_healthy_run_pins_nothing(tmp_path):
     trainer(tmp_path, callbacks=[p], max_steps=8).fit(Classifier(mlp(depth=3)), make_loader(n=128))
     assert p.findings == [] and p.session.pinned == {}
     assert not list((tmp_path / "probe").glob("*/*_at.png"))
+
+
+def test_a_relative_explosion_alarms_at_its_step_once_the_median_is_known():
+    """x1e4 at step 9 stays below the absolute bound (1e6) but is beyond 1000x the stream's running median:
+    the growth rule's bound is used by the per-step alarm once a flush has seen 5 steps."""
+    global BIG
+    net = _net()
+    net[2].k = 9
+    session = ProbeSession.from_model(net, ["2", "3"], every_n_steps=1)
+    session.record_recent(True)
+    alarms, found = [], []
+    old, BIG = BIG, 1e4
+    try:
+        with session:
+            for step in range(12):
+                net[2].step = step
+                session.begin_step(step)
+                with torch.no_grad():
+                    x = torch.randn(8, 16)
+                net(x).square().mean().backward()
+                net.zero_grad()
+                session.end_step()
+                alarms.append(session.sentinel_alarm(1e6))
+                if step % 4 == 3:
+                    found += session.flush()
+    finally:
+        BIG = old
+    assert [s for s in alarms if s is not None] == [9]
+    spike = [f for f in found if f.kind == "exploding" and f.signal == "activation"]
+    assert spike and (spike[0].layer, spike[0].step) == ("2", 9) and spike[0].value < 1e6
+    assert session.claim_pinned(9)[0].step == 9

@@ -336,3 +336,25 @@ def test_parameter_findings_are_not_drawn_on_the_activation_timeline(tmp_path):
             Finding(step=1, layer="net.1", signal="activation", kind="dead", value=1.0, threshold=0.5)]
     tl = p.session.timeline(fake)
     assert tl is not None and tl.marks == [("net.1", 1, "dead", "activation")]
+
+
+def test_parameter_scalars_and_histograms_reach_an_offline_wandb_run(wandb_offline):
+    import glob
+
+    from pytorch_lightning.loggers import WandbLogger
+    from test_sinks import _history_rows, _only_run_dir
+
+    tmp_path = wandb_offline
+    torch.manual_seed(0)
+    logger = WandbLogger(project="t", save_dir=str(tmp_path), offline=True)
+    p = FeatureProbe(probes=["net.0", "net.2"], figure_every_n_steps=2, figures=("parameters",),
+                     save_dir=str(tmp_path / "probe"), figure_wait_s=None, log_every_n_steps=2)
+    trainer(tmp_path, callbacks=[p], max_steps=4, logger=logger, log_every_n_steps=2).fit(
+        Classifier(mlp(depth=2)), make_loader(n=64))
+    logger.experiment.finish()
+    run_dir = _only_run_dir(tmp_path)
+    rows = _history_rows(run_dir)
+    keys = {k for r in rows for k in r}
+    assert {"probe/net.0/weight_norm", "probe/net.0/param_grad_norm", "probe/net.0/update_ratio"} <= keys
+    media = glob.glob(os.path.join(run_dir, "files", "media", "images", "probe", "**", "*.png"), recursive=True)
+    assert any("net.0" in m and "parameters" in m for m in media), media
