@@ -30,6 +30,7 @@ from .findings import Finding
 from .history import History, derive
 from .hooks import HookRegistry, iter_tensors, warn_once
 from .selection import resolve
+from .snapshots import device_part
 from .stats import StatBuffer, merge_ranks, pack_rows
 
 if TYPE_CHECKING:
@@ -387,11 +388,8 @@ class ProbeSession:
                                               layout=self.layouts[i]), tuple(t.shape))
 
     def _keep_recent(self, slot: int, i: int, t: torch.Tensor) -> None:
-        from .snapshots import device_part
-
-        assert self.recent is not None
-        self.recent[slot] = (device_part(t, self.capture_samples, self.capture_channels, layout=self.layouts[i]),
-                             tuple(t.shape))
+        self.recent[slot] = (device_part(t, self.capture_samples, self.capture_channels,  # type: ignore[index]
+                                         layout=self.layouts[i]), t.shape)
 
     def _hook_failed(self, index: int, where: str, err: BaseException) -> None:
         i = index if where == "forward" else self.slot_module[index]

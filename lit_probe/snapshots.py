@@ -86,10 +86,22 @@ def device_part(t: torch.Tensor, num_samples: int, max_channels: int, *, layout:
     transfer, no reference to ``t`` (an in-place op after the hook cannot change it). The flight recorder keeps
     these for the last steps, so that a finding's figures show the step that fired (:func:`snapshot_tensor`
     turns one into the figure's array when needed). ``None`` where :func:`snapshot_tensor` would give ``None``.
+    Runs in a hook on every step while figures are on: as few operations as the slicing needs (a slice is left
+    out when it would keep everything).
     """
-    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_quantized or t.is_meta:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.layout != torch.strided or t.is_meta:
         return None
-    if not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
+    d = t.dim()
+    if d == 0 or t.numel() == 0:
         return None
-    with torch.no_grad():
-        return _figure_part(t, num_samples, max_channels, layout).clone()
+    x = t.detach()
+    if d == 1:
+        return x[:max_channels].unsqueeze(0).clone()
+    if x.shape[0] > num_samples:
+        x = x[:num_samples]
+    if d == 2 or layout == "channels_last":
+        if x.shape[-1] > max_channels:
+            x = x[..., :max_channels]
+    elif x.shape[1] > max_channels:
+        x = x[:, :max_channels]
+    return x.clone()

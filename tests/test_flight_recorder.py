@@ -159,3 +159,19 @@ def test_a_relative_explosion_alarms_at_its_step_once_the_median_is_known():
     spike = [f for f in found if f.kind == "exploding" and f.signal == "activation"]
     assert spike and (spike[0].layer, spike[0].step) == ("2", 9) and spike[0].value < 1e6
     assert session.claim_pinned(9)[0].step == 9
+
+
+@pytest.mark.parametrize("shape,layout", [((5, 100), "auto"), ((3, 70, 4, 4), "auto"), ((2, 7, 90), "channels_last"),
+                                          ((80,), "auto"), ((1, 3, 4, 4), "auto"), ((4, 3, 10), "channels_first")])
+def test_device_part_is_what_the_figure_shows_and_owns_its_memory(shape, layout):
+    from lit_probe.snapshots import device_part, snapshot_tensor
+
+    x = torch.randn(*shape, requires_grad=True)
+    part = device_part(x, 1, 64, layout=layout)
+    want = snapshot_tensor(x, 1, 64, layout=layout)
+    assert not part.requires_grad and part.untyped_storage().nbytes() < x.untyped_storage().nbytes() or x.numel() <= 64
+    np.testing.assert_array_equal(snapshot_tensor(part, 1, 64, layout=layout), want)
+    with torch.no_grad():
+        x.mul_(0)  # an in-place op after the hook (ReLU(inplace=True)) does not reach the copy
+    np.testing.assert_array_equal(snapshot_tensor(part, 1, 64, layout=layout), want)
+    assert device_part(torch.ones(3, dtype=torch.int64), 1, 64) is None and device_part(torch.tensor(1.0), 1, 64) is None
