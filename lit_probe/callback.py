@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 
 from .diagnose import Thresholds
 from .errors import ProbeAlarm, ProbeConfigError, as_list, check_choice, check_int
-from .findings import Finding, group_incidents
+from .findings import Finding, group_incidents, listed
 from .mixin import declared_probe_points
 from .output import ProbeOutput, ProbeWarning
 from .selection import no_probes_message, resolve, validate_patterns
@@ -273,10 +273,10 @@ class ProbeCallback:
         self._session.bind_optimizers(list(getattr(trainer, "optimizers", []) or []))
         if pw.frozen:
             out.say(f"lit_probe: {len(pw.frozen)} probed layer(s) have only frozen parameters (requires_grad=False): "
-                    f"not measured: {', '.join(pw.frozen[:10])}{', ...' if len(pw.frozen) > 10 else ''}.")
+                    f"not measured: {listed(pw.frozen, 10)}.")
         if pw.orphans:
             out.say(f"lit_probe: the parameters of {len(pw.orphans)} probed layer(s) are in no optimizer (they never "
-                    f"change): {', '.join(pw.orphans[:10])}{', ...' if len(pw.orphans) > 10 else ''}.")
+                    f"change): {listed(pw.orphans, 10)}.")
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self._session is not None:  # gradients are final here: unscaled under AMP, not yet clipped

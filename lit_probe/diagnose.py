@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .findings import Finding
-from .history import Derived, nonfinite_flags
+from .findings import Finding, listed
+from .history import PARAM_STATS, Derived, nonfinite_flags
 from .selection import check_thresholds_keys
 from .errors import ProbeConfigError
 
@@ -31,8 +31,9 @@ MIN_UNITS = 4
 SMALL_UNITS = 16
 SMALL_DEAD_FRACTION = 0.9
 
-__all__ = ["Thresholds", "Diagnosis", "ParamModules", "diagnose", "find_nonfinite", "find_exploding",
-           "find_vanishing", "find_dead", "find_param_nonfinite", "find_not_learning", "find_lr_too_high"]
+__all__ = ["Thresholds", "Diagnosis", "ParamModules", "diagnose", "alarm_bounds", "find_nonfinite",
+           "find_exploding", "find_vanishing", "find_dead", "find_param_nonfinite", "find_not_learning",
+           "find_lr_too_high"]
 
 #: The update-ratio rules need at least this many modules with a measured ratio at a step (a median).
 MIN_PARAM_MODULES = 3
@@ -281,7 +282,7 @@ def find_nonfinite(st: Diagnosis, d: Derived, i: int, streams: Streams) -> tuple
         where = "forward" if signal == "activation" else "backward"
         msg = (f"Non-finite values (NaN/Inf) first appeared in the {signal} of `{streams.names[first]}` at step "
                f"{int(d.steps[i])} (first in {where} order")
-        msg += f"; also in {len(others)} later stream(s): {', '.join(others[:5])}{', ...' if len(others) > 5 else ''})" \
+        msg += f"; also in {len(others)} later stream(s): {listed(others, 5)})" \
             if others else ")"
         out.append(streams.emit(first, "nonfinite", d.steps[i], count if count == count else 1.0, 0.0, msg + ".",
                                 "nonfinite", {"downstream": others}))
@@ -300,7 +301,7 @@ def find_exploding(st: Diagnosis, d: Derived, i: int, streams: Streams,
         if skipped and streams.signals[s] == "gradient":
             continue
         q = st.absmax.setdefault(int(s), [])
-        med = float(np.median(q)) if len(q) >= t.min_history else math.nan
+        med = _running_median(q, t)
         over_abs = a > t.exploding_absmax
         over_growth = med == med and med > 0 and a > t.exploding_growth * med
         key = (int(s), "exploding")
@@ -320,6 +321,23 @@ def find_exploding(st: Diagnosis, d: Derived, i: int, streams: Streams,
         if len(q) > t.growth_window:
             del q[0]
     return st, out
+
+
+def _running_median(q: Sequence[float], t: Thresholds) -> float:
+    """The growth rule's reference: the median of a stream's kept absmax values (NaN before ``min_history``)."""
+    return float(np.median(q)) if len(q) >= t.min_history else math.nan
+
+
+def alarm_bounds(st: Diagnosis, t: Thresholds, slots: int) -> np.ndarray:
+    """Per slot, the largest |value| the exploding rule allows on the next step: ``exploding_absmax``, or the
+    growth rule's ``exploding_growth`` x the stream's running median once known. The per-step alarm
+    (:meth:`~lit_probe.session.ProbeSession.sentinel_alarm`) checks min/max against it between flushes."""
+    b = np.full(slots, float(t.exploding_absmax))
+    for s, q in st.absmax.items():
+        med = _running_median(q, t)
+        if s < slots and med > 0:  # NaN > 0 is False
+            b[s] = min(b[s], t.exploding_growth * med)
+    return b
 
 
 def find_vanishing(st: Diagnosis, d: Derived, i: int, streams: Streams,
@@ -402,8 +420,6 @@ def find_dead(st: Diagnosis, step: int, units: Mapping[int, np.ndarray], first_s
 
 # ---------------------------------------------------------------------- parameters (Derived.params)
 def _param_column(d: Derived, i: int, stat: str) -> np.ndarray:
-    from .history import PARAM_STATS
-
     assert d.params is not None
     return d.params[i, :, PARAM_STATS.index(stat)]
 
@@ -430,7 +446,7 @@ def find_param_nonfinite(st: Diagnosis, d: Derived, i: int, pm: ParamModules,
         step = int(d.steps[i])
         when = "before that step's update" if key == "weight" else "unscaled, before clipping"
         msg = f"Non-finite {what} (NaN/Inf) in `{pm.names[first]}` at step {step} ({when}"
-        msg += f"; also in {len(others)} later module(s): {', '.join(others[:5])}{', ...' if len(others) > 5 else ''})" \
+        msg += f"; also in {len(others)} later module(s): {listed(others, 5)})" \
             if others else ")"
         # value: how many modules (a number in every sink: W&B tables need one type per column)
         out.append(pm.emit(first, "nonfinite", step, float(len(hit)), 0.0, msg + ".",
@@ -441,8 +457,6 @@ def find_param_nonfinite(st: Diagnosis, d: Derived, i: int, pm: ParamModules,
 
 def _measured(d: Derived, i: int, stat: str) -> np.ndarray:
     """Where a parameter statistic was measured at row ``i`` (a NaN there is a measured NaN)."""
-    from .history import PARAM_STATS
-
     assert d.params is not None
     if d.params_measured is None:
         return ~np.isnan(d.params[i, :, PARAM_STATS.index(stat)])

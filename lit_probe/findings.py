@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Any
 
 __all__ = ["Finding", "Incident", "Severity", "KINDS", "ADVICE", "group_incidents", "incidents_of",
-           "findings_to_markdown"]
+           "findings_to_markdown", "listed"]
 
 KINDS = ("nonfinite", "exploding", "lr_too_high", "vanishing", "dead", "not_learning")
 #: Kinds that one root cause produces together: an explosion turns into NaN downstream and later; a learning
@@ -39,6 +39,11 @@ ADVICE = {
     "not_learning": "the optimizer barely changes this layer: check its parameter group's learning rate (0?), "
     "that its parameters are in the optimizer, and whether its gradient vanishes.",
 }
+
+
+def listed(names: list[str], limit: int) -> str:
+    """``"a, b, c, ..."``: the first ``limit`` names, and an ellipsis when there are more (messages for people)."""
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 class Severity(str, Enum):

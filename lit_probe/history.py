@@ -29,12 +29,12 @@ class Derived:
     len(PARAM_STATS)]`` (``None`` without the parameter signal)."""
 
     def __init__(self, steps: np.ndarray, values: np.ndarray, order: list[list[int]],
-                 params: np.ndarray | None = None) -> None:
+                 params: np.ndarray | None = None, params_measured: np.ndarray | None = None) -> None:
         self.steps = steps
         self.values = values
         self.order = order
         self.params = params
-        self.params_measured: np.ndarray | None = None  # [n, modules, 3] where each parameter column was measured
+        self.params_measured = params_measured  # [n, modules, 3] where each parameter column was measured
 
     def get(self, stat: str) -> np.ndarray:
         return self.values[:, :, _I[stat]]
@@ -82,10 +82,7 @@ def derive(rows: HostRows, grad_slots: np.ndarray, unit_slots: np.ndarray) -> De
         skipped = (np.isfinite(rows.scale[:, 0]) & np.isfinite(rows.scale[:, 1]) & (rows.scale[:, 1] < rows.scale[:, 0])
                    ) if rows.scale.size else np.zeros(n, bool)
         out[:, :, _I["skipped"]] = skipped[:, None]
-    params, measured = derive_params(rows.params)
-    d = Derived(rows.steps.copy(), out, rows.order, params)
-    d.params_measured = measured
-    return d
+    return Derived(rows.steps.copy(), out, rows.order, *derive_params(rows.params))
 
 
 def derive_params(sq: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:

@@ -9,8 +9,8 @@ to the :class:`~lit_probe.stats.StatBuffer`'s parameter ring (same row, same one
 * :meth:`ParamWatch.before_step` (Lightning's ``on_before_optimizer_step``: gradients unscaled under AMP, before
   clipping): ``||W||`` and ``||grad||`` of the optimizer's probed parameters, every step; on full-statistics
   steps also a copy of those parameters.
-* :meth:`ParamWatch.after_step` (a ``register_step_post_hook`` on the optimizer: it also runs under manual
-  optimisation): ``||W_after - W_before||`` from that copy, which is freed at once.
+* after the step (a ``register_step_post_hook`` on each optimizer, so it also runs under manual optimisation and
+  with several optimizers): ``||W_after - W_before||`` from that copy, which is freed at once.
 
 A module's parameters are its own (``recurse=False``) unless ``scope="recursive"``. Parameters with
 ``requires_grad=False`` are frozen by the user: not measured, said once (:attr:`ParamWatch.frozen`).
@@ -50,7 +50,7 @@ class _Plan:
         self.params = params
         self.pair_param = np.asarray(pair_param, dtype=np.int64)
         self.pair_module = np.asarray(pair_module, dtype=np.int64)
-        self.device_index: dict[Any, tuple[torch.Tensor, ...]] = {}
+        self.device_index: dict[Any, tuple[Any, ...]] = {}
         self.before: list[torch.Tensor] | None = None
         self.copied: list[int] = []
         self.one_device: bool | None = None
@@ -157,14 +157,14 @@ class ParamWatch:
         """For the kept (parameter, module) pairs: parameter indices and module rows on ``device`` (cached), and
         the module rows on the host."""
         key = (device, keep.tobytes())
-        mods = plan.pair_module[keep]
         hit = plan.device_index.get(key)
         if hit is None:
             if len(plan.device_index) > 16:
                 plan.device_index.clear()
+            mods = plan.pair_module[keep]
             hit = plan.device_index[key] = (torch.as_tensor(plan.pair_param[keep], device=device),
-                                            torch.as_tensor(mods, device=device))
-        return hit[0], hit[1], mods
+                                            torch.as_tensor(mods, device=device), mods)
+        return hit[0], hit[1], hit[2]
 
     @torch.no_grad()
     def before_step(self, optimizer: Any, full: bool) -> None:

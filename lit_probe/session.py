@@ -25,17 +25,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .diagnose import Diagnosis, Thresholds, diagnose
+from .diagnose import Diagnosis, ParamModules, Thresholds, alarm_bounds, diagnose
 from .findings import Finding
-from .history import History, derive
+from .history import PARAM_STATS, History, derive
 from .hooks import HookRegistry, iter_tensors, warn_once
 from .selection import resolve
-from .snapshots import device_part
+from .snapshots import device_part, snapshot_tensor
 from .stats import StatBuffer, merge_ranks, pack_rows
+from .vocab import ACTIVATION, GRADIENT, MAX_CALLS, PARAMETER, is_relu_like, stream_name, unit_dim, unit_layouts
 
 if TYPE_CHECKING:
     from .params import ParamWatch
-from .vocab import ACTIVATION, GRADIENT, MAX_CALLS, PARAMETER, is_relu_like, stream_name, unit_dim, unit_layouts
 
 __all__ = ["ProbeSession", "LayerSnapshot", "Timeline", "SIGNAL_ACT", "SIGNAL_GRAD"]
 
@@ -274,15 +274,13 @@ class ProbeSession:
         """Called once per step (``on_finding="raise"/"stop"``, the flight recorder): the step that showed a
         non-finite value or an absolute value beyond ``bound`` (or beyond the growth rule's bound of its stream,
         once the stream's running median is known; gradients divided by the loss scale), or ``None``; no
-        blocking read. On CUDA the
-        current step's min/max are copied without waiting and the previous step's copy is checked (the alarm
-        comes one step later, its step stays exact); on CPU the copy costs nothing to wait for and the current
-        step is checked. With :meth:`record_recent`, the alarmed step's figure inputs are pinned."""
+        blocking read. On CUDA the current step's min/max are copied without waiting and the previous step's
+        copy is checked (the alarm comes one step later, its step stays exact); on CPU the copy costs nothing to
+        wait for and the current step is checked. With :meth:`record_recent`, the alarmed step's figure inputs
+        are pinned."""
         alarm = None
         bounds = np.minimum(self._alarm_bounds, bound) if self._alarm_bounds is not None else bound
-        if self._grad_mask is None or len(self._grad_mask) != len(self.slot_signals):
-            self._grad_mask = np.array([s == SIGNAL_GRAD for s in self.slot_signals], dtype=bool)
-        grads = self._grad_mask
+        grads = self._grad_slots()
         if self._peeked is not None:
             if self.buffer.alarm(self._peeked, bounds, grads):
                 alarm = int(self._peeked[0])
@@ -381,8 +379,6 @@ class ProbeSession:
             self._keep_recent(slot, i, grad)
 
     def _capture(self, slot: int, i: int, t: torch.Tensor) -> None:
-        from .snapshots import snapshot_tensor
-
         assert self.capture is not None
         self.capture[slot] = (snapshot_tensor(t, self.capture_samples, self.capture_channels,
                                               layout=self.layouts[i]), tuple(t.shape))
@@ -411,34 +407,28 @@ class ProbeSession:
             host, units = merge_ranks(self.gather(pack_rows(host, units)))
         if len(host.steps) == 0:
             return []
-        grad_slots = np.array([s == SIGNAL_GRAD for s in self.slot_signals[:host.calls.shape[1]]], dtype=bool)
+        grad_slots = self._grad_slots()[:host.calls.shape[1]]
         d = derive(host, grad_slots, ~grad_slots)
         self.history.append(d)
         pm = None
         if self.params is not None and len(self.params):
-            from .diagnose import ParamModules
-
             self.params.update_lrs()
             pm = ParamModules(self.params.names, self.params.groups, self.params.lrs.copy())
         self.diagnosis, new = diagnose(self.diagnosis, d, units, self.buffer.first_seen, self.slot_names,
                                        self.slot_signals, self.dead_judged, self.thresholds, pm)
         self.findings.extend(new)
         self.units = units
-        self._alarm_bounds = self._bounds()
+        self._alarm_bounds = alarm_bounds(self.diagnosis, self.thresholds, len(self.slot_names))
         step = int(host.steps[-1])
         for slot, frac in self.diagnosis.dead_latest.items():
             self._dead_log.setdefault(slot, []).append((step, frac))
         return new
 
-    def _bounds(self) -> np.ndarray:
-        t = self.thresholds
-        b = np.full(len(self.slot_names), float(t.exploding_absmax))
-        for slot, q in self.diagnosis.absmax.items():
-            if slot < len(b) and len(q) >= t.min_history:
-                med = float(np.median(q))
-                if med > 0:
-                    b[slot] = min(b[slot], t.exploding_growth * med)
-        return b
+    def _grad_slots(self) -> np.ndarray:
+        """Which slots are gradient streams (cached; new streams appear in the first steps only)."""
+        if self._grad_mask is None or len(self._grad_mask) != len(self.slot_signals):
+            self._grad_mask = np.array([s == SIGNAL_GRAD for s in self.slot_signals], dtype=bool)
+        return self._grad_mask
 
     def dead_fractions(self) -> dict[str, float]:
         """Latest dead fraction per stream judged for dead units (once its window has been seen)."""
@@ -462,8 +452,6 @@ class ProbeSession:
         for name, v in self.dead_fractions().items():
             out[f"{name}/dead_fraction"] = v
         if self.params is not None:
-            from .history import PARAM_STATS
-
             latest = self.history.params_latest
             for m, name in enumerate(self.params.names[:latest.shape[0]]):
                 for k, stat in enumerate(PARAM_STATS):
@@ -480,8 +468,6 @@ class ProbeSession:
                    device: bool = False) -> list[LayerSnapshot]:
         """One :class:`LayerSnapshot` per stream pair of ``capture`` (slot -> (array, full shape)); ``device``:
         the arrays are :func:`~lit_probe.snapshots.device_part` copies, turned into host arrays here."""
-        from .snapshots import snapshot_tensor
-
         def host(entry: Any) -> np.ndarray | None:
             if entry is None or entry[0] is None:
                 return None

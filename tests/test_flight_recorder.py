@@ -16,18 +16,15 @@ from torch import nn
 from lit_probe import FeatureProbe
 from lit_probe.session import ProbeSession
 from models import Classifier, make_loader, mlp, trainer
+from test_bugs import NaNAt, StepAware
 
 K = 7
 BIG = 1e8
 
 
-class SpikeAt(nn.Module):
-    """Linear whose output has ``BIG`` added to every odd feature at step ``k`` (set by the LightningModule)."""
-
-    def __init__(self, dim: int, k: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(dim, dim)
-        self.k, self.step = k, -1
+class SpikeAt(NaNAt):
+    """test_bugs' step-aware Linear, with ``BIG`` added to every odd feature at step ``k`` instead of a NaN
+    (``StepAware`` sets its step)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.lin(x)
@@ -38,18 +35,11 @@ class SpikeAt(nn.Module):
         return y
 
 
-class StepAware(Classifier):
-    def training_step(self, batch, batch_idx):
-        for m in self.modules():
-            if isinstance(m, SpikeAt):
-                m.step = self.global_step
-        return super().training_step(batch, batch_idx)
-
-
 def _net() -> nn.Sequential:
     torch.manual_seed(0)
     net = mlp(depth=3)
     net[2] = SpikeAt(32, K)
+    net[2].step = -1
     return net
 
 
