@@ -5,7 +5,8 @@ activations and gradients on the device, diagnoses dead, exploding, vanishing an
 figures, and leaves the model exactly as it was.
 
 Every name here is imported on first use: ``import lit_probe`` imports neither torch nor Lightning, and
-``lit_probe.FeatureProbe`` imports only the Lightning package(s) installed (see :mod:`lit_probe.callback`).
+``lit_probe.FeatureProbe`` imports only the Lightning package(s) installed (see :mod:`lit_probe.packages`).
+Any other loop (plain PyTorch, Lightning Fabric) drives a :class:`~lit_probe.ProbeRun`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .callback import FeatureProbe as FeatureProbe
-    from .callback import ProbeWarning as ProbeWarning
+    from .config import ProbeConfig as ProbeConfig
+    from .output import ProbeWarning as ProbeWarning
+    from .packages import FeatureProbe as FeatureProbe
     from .diagnose import Thresholds as Thresholds
     from .errors import ProbeAlarm as ProbeAlarm
     from .errors import ProbeConfigError as ProbeConfigError
@@ -29,12 +31,16 @@ if TYPE_CHECKING:
     from .gradcam import gradcam as gradcam
     from .mixin import ProbeMixin as ProbeMixin
     from .selection import list_probe_points as list_probe_points
+    from .record import RunRecord as RunRecord
+    from .record import read_record as read_record
+    from .run import ProbeRun as ProbeRun
     from .session import ProbeSession as ProbeSession
 
 __version__ = "0.2.0"
 
 _WHERE = {
-    "FeatureProbe": "callback", "ProbeWarning": "callback", "Thresholds": "diagnose", "ProbeAlarm": "errors",
+    "FeatureProbe": "packages", "ProbeWarning": "output", "ProbeConfig": "config", "ProbeRun": "run",
+    "RunRecord": "record", "read_record": "record", "Thresholds": "diagnose", "ProbeAlarm": "errors",
     "ProbeConfigError": "errors", "ProbeError": "errors", "ProbeSelectionError": "errors", "capture": "extract",
     "extract_features": "extract", "Finding": "findings", "Incident": "findings", "Severity": "findings",
     "gradcam": "gradcam", "ProbeMixin": "mixin", "list_probe_points": "selection", "ProbeSession": "session",
@@ -48,8 +54,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'lit_probe' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
-    if name != "FeatureProbe":  # FeatureProbe stays resolved by lit_probe.callback (see there)
-        globals()[name] = value
+    globals()[name] = value
     return value
 
 

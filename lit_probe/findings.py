@@ -8,9 +8,12 @@ The shared vocabulary between the detectors and everything that reports: :class:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
+
+CALL_SEP = "#"  # vocab.CALL_SEP: a stream name is `<module path>#<call>`
 
 __all__ = ["Finding", "Incident", "Severity", "KINDS", "ADVICE", "group_incidents", "incidents_of",
            "findings_to_markdown", "listed"]
@@ -62,8 +65,11 @@ class Finding:
     """One diagnosis: which layer, which signal, what went wrong, from which step.
 
     Attributes:
-        step: ``trainer.global_step`` while the batch that showed the problem ran (the first such step).
-        layer: the probed module's dotted name, relative to the LightningModule.
+        step: the training step (``trainer.global_step`` under Lightning) while the batch that showed the problem
+            ran (the first such step).
+        layer: the *stream* the finding is about: the probed module's dotted path relative to the model, with
+            ``#k`` for its k-th call in a step (``layer1.0.relu#1``; the first call has no suffix). For the
+            ``"parameter"`` signal, the module's path. :attr:`module` is the path without the call suffix.
         signal: ``"activation"`` (the module's output), ``"gradient"`` (d loss / d output) or ``"parameter"``
             (the module's own weights, their gradients and the optimizer's update).
         kind: ``"dead"``, ``"exploding"``, ``"vanishing"``, ``"nonfinite"``, ``"lr_too_high"`` or
@@ -93,6 +99,16 @@ class Finding:
         return _SEVERITY.get(self.kind, Severity.WARNING)
 
     @property
+    def stream(self) -> str:
+        """The stream (module path and call, see :attr:`layer`)."""
+        return self.layer
+
+    @property
+    def module(self) -> str:
+        """The probed module's dotted path (:attr:`layer` without its ``#k`` call suffix)."""
+        return self.layer.split(CALL_SEP, 1)[0]
+
+    @property
     def advice(self) -> str:
         return ADVICE.get(self.kind, "")
 
@@ -107,6 +123,18 @@ class Finding:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Finding":
+        """The inverse of :meth:`to_dict` (and of a checkpoint's state): ``"nan"``/``"inf"`` strings become
+        floats again, unknown keys (``severity``) are ignored, ``extra`` is kept."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("value", "threshold"):
+            if k in kw:
+                kw[k] = float(kw[k])
+        kw["extra"] = dict(kw.get("extra") or {})
+        return cls(**kw)
 
     def __str__(self) -> str:
         return self.message or f"{self.kind} {self.signal} at {self.layer} (step {self.step})"

@@ -131,7 +131,6 @@ class HookRegistry:
 
     def __init__(self) -> None:
         self.handles: list[RemovableHandle] = []
-        self.forward_hooks: list[_ForwardHook] = []
 
     def attach(self, session: Observer, modules: list[tuple[str, nn.Module]]) -> None:
         """Register a forward hook on every module; on any failure, remove what was registered."""
@@ -139,9 +138,7 @@ class HookRegistry:
             return  # idempotent: attached already
         try:
             for i, (_, module) in enumerate(modules):
-                hook = _ForwardHook(session, i)
-                self.handles.append(module.register_forward_hook(hook))
-                self.forward_hooks.append(hook)
+                self.handles.append(module.register_forward_hook(_ForwardHook(session, i)))
         except BaseException:
             self.remove()
             raise
@@ -151,11 +148,6 @@ class HookRegistry:
         handles, self.handles = self.handles, []
         for h in handles:
             h.remove()
-        self.forward_hooks = []
-
-    @property
-    def attached(self) -> bool:
-        return bool(self.handles)
 
     def grad_hook(self, session: Observer, index: int) -> _GradHook:
         return _GradHook(session, index)

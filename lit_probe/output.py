@@ -1,10 +1,11 @@
 """Output
 ======
 
-:class:`ProbeOutput` owns everything that leaves the process: scalars to the trainer's loggers, findings as
-they arrive (``findings.jsonl``, a ``ProbeWarning``, the W&B findings table, the flight recorder CSV), figure
-files and images (disk, W&B, TensorBoard) through the renderer, and at the end ``summary.md``,
-``incidents.json`` and ``report.html``. The callback calls its verbs; nothing else writes.
+:class:`ProbeOutput` owns everything that leaves the process: scalars to the loggers, findings as they arrive
+(``findings.jsonl``, a ``ProbeWarning``, the W&B findings table, the flight recorder CSV), figure files and images
+(disk, W&B, TensorBoard) through the renderer, and the run record (:class:`~lit_probe.record.RunRecord`,
+``run.json``) with its views ``summary.md`` and ``report.html``. The run (:class:`~lit_probe.run.ProbeRun`) calls
+its verbs; nothing else writes.
 
 Only rank zero writes (``is_zero``); other ranks get an output that does nothing. Imports neither Lightning
 nor wandb (the sinks import wandb lazily).
@@ -12,92 +13,83 @@ nor wandb (the sinks import wandb lazily).
 
 from __future__ import annotations
 
-import json
 import logging
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from .findings import Finding, findings_to_markdown, incidents_of
+from .findings import Finding
+from .record import FINDINGS_NAME, SUMMARY_NAME, RunRecord
+
+if TYPE_CHECKING:
+    from .config import ProbeConfig
 
 __all__ = ["ProbeOutput", "ProbeWarning"]
 
 log = logging.getLogger("lit_probe")
 
 _MAX_WARNINGS_PER_FLUSH = 8
-#: Seconds fit end waits for queued figures before it reports the rest as skipped.
-CLOSE_TIMEOUT_S = 10.0
 
 
 class ProbeWarning(UserWarning):
-    """The category of the warnings ``FeatureProbe(on_finding="warn")`` emits for findings."""
+    """The category of the warnings ``on_finding="warn"`` emits for findings."""
 
 
 class ProbeOutput:
     """Every way out of the process for one run.
 
     Args:
-        out_dir: ``save_dir`` of the run.
-        loggers: the trainer's loggers (anything with ``log_metrics(metrics, step=)``).
+        out_dir: the run's save directory.
+        loggers: anything with ``log_metrics(metrics, step=)`` (Lightning and Fabric loggers).
+        config: the run's options (figures, their files, W&B, how long the end waits for figures).
         is_zero: whether this process writes (rank zero).
-        figures: figure kinds to draw; empty: no figures.
-        figure_every_n_steps: figure steps (``None``: no figures).
-        max_figure_layers: layers drawn per figure step besides those with findings (``None``: all).
-        max_channels: channels per feature-map grid.
-        mode: ``"overwrite"`` or ``"versioned"`` figure files.
-        max_versions: with versioned files, the newest N kept per figure.
-        log_to_wandb: push figures and findings to a ``WandbLogger`` of the trainer (or an active run).
-        flight_recorder_steps: rows of history written to ``flight_recorder_step<step>.csv`` on a finding.
-        warn: emit a :class:`ProbeWarning` per finding (rate-limited).
-        close_timeout: seconds the end of the run waits for queued figures (``None``: all of them).
+        record: the run record this output keeps and writes (``run.json``).
     """
 
-    def __init__(self, out_dir: Path, loggers: Sequence[Any], *, is_zero: bool, figures: Sequence[str] = (),
-                 figure_every_n_steps: int | None = None, max_figure_layers: int | None = 16,
-                 max_channels: int = 64, mode: str = "overwrite", max_versions: int | None = None,
-                 log_to_wandb: bool = True, flight_recorder_steps: int = 200, warn: bool = True,
-                 close_timeout: float | None = CLOSE_TIMEOUT_S) -> None:
+    def __init__(self, out_dir: Path, loggers: Sequence[Any], config: "ProbeConfig", *, is_zero: bool,
+                 record: Optional[RunRecord] = None) -> None:
         self.out_dir = Path(out_dir)
         self.loggers = list(loggers or [])
         self.is_zero = is_zero
-        self.figure_kinds = tuple(figures) if figure_every_n_steps is not None else ()
-        self.figure_every_n_steps = figure_every_n_steps
-        self.max_figure_layers = max_figure_layers
-        self.flight_recorder_steps = flight_recorder_steps
-        self.warn = warn
-        self.close_timeout = close_timeout
+        self.config = config
+        self.figure_kinds = tuple(config.figures) if config.figure_every_n_steps is not None else ()
+        self.max_figure_layers = config.max_figure_layers
+        self.warn = config.on_finding != "raise"  # under "raise" the ProbeAlarm says it
+        self.record = record if record is not None else RunRecord()
         self.said: set[str] = set()
-        self.skipped: list[str] = []
         self.renderer: Any = None
         self.disk: Any = None
         self._wandb: list[Any] = []
-        self._jsonl_ok = True
+        self._disk_ok = True
         self._findings_pushed = 0
         if not is_zero:
             return
-        self._open_sinks(mode, max_channels, max_versions, log_to_wandb)
+        self._open_sinks()
 
     def start(self, restored: Sequence[Finding] = ()) -> None:
-        """A run begins: ``findings.jsonl`` restarts with the findings restored from a checkpoint (if any)."""
-        path = self.out_dir / "findings.jsonl"
-        if not self.is_zero or (not restored and not path.exists()):
+        """A run begins: ``findings.jsonl`` restarts with the findings restored from a checkpoint (if any), and
+        the record is written (``status: running``), so that even a killed run leaves one."""
+        if not self.is_zero or not self._writable():
             return
-        if self._writable():
-            try:
-                from .sinks import atomic_write_text
+        from .sinks import atomic_write_text
 
-                atomic_write_text(path, "".join(f.to_json() + "\n" for f in restored))
-            except OSError as err:
-                self._disk_failed(err)
+        self.record.set_findings(restored)
+        try:
+            atomic_write_text(self.out_dir / FINDINGS_NAME, "".join(f.to_json() + "\n" for f in restored))
+        except OSError as err:
+            self._disk_failed(err)
+        self._save_record()
 
-    def _open_sinks(self, mode: str, max_channels: int, max_versions: int | None, log_to_wandb: bool) -> None:
+    def _open_sinks(self) -> None:
+        cfg = self.config
         try:
             from .sinks import DiskSink, WandbSink, image_sinks_for
         except Exception as err:  # pragma: no cover - matplotlib/pillow missing
             self.say(f"lit_probe: figures and W&B output disabled ({type(err).__name__}: {err}).")
             return
-        sinks, info = image_sinks_for(self.loggers, log_to_wandb=log_to_wandb, defer_wandb=True)
+        sinks, info = image_sinks_for(self.loggers, log_to_wandb=cfg.log_to_wandb, defer_wandb=True)
         self._wandb = [s for s in sinks if isinstance(s, WandbSink)]
         if not self.figure_kinds:
             return
@@ -108,9 +100,9 @@ class ProbeOutput:
         except Exception as err:  # pragma: no cover
             self.say(f"lit_probe: figures disabled ({type(err).__name__}: {err}).")
             return
-        self.disk = DiskSink(self.out_dir, mode=mode, max_versions=max_versions)  # type: ignore[arg-type]
+        self.disk = DiskSink(self.out_dir, mode=cfg.figure_files, max_versions=cfg.max_versions)  # type: ignore[arg-type]
         n = self.max_figure_layers if self.max_figure_layers is not None else 256
-        self.renderer = FigureRenderer([self.disk] + sinks, figures=self.figure_kinds, max_channels=max_channels,
+        self.renderer = FigureRenderer([self.disk] + sinks, figures=self.figure_kinds, max_channels=cfg.max_channels,
                                        max_queue=2 * (n + 8) + 2)
 
     # ------------------------------------------------------------------ verbs
@@ -120,6 +112,7 @@ class ProbeOutput:
             return
         self.said.add(msg)
         log.warning(msg)
+        self.record.note(msg.removeprefix("lit_probe: "))
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
         """Log ``metrics`` to every logger at ``step``."""
@@ -132,7 +125,7 @@ class ProbeOutput:
                 self.say(f"lit_probe: logger {type(logger).__name__} rejected probe metrics ({err}).")
 
     def findings(self, new: list[Finding], everything: list[Finding], step: int,
-                 history_csv: Callable[[int], str] | None = None) -> None:
+                 history_csv: Callable[[int], str] | None = None, streams: Sequence[dict] = ()) -> None:
         """Report findings as they arrive: a line each in ``findings.jsonl``, a warning, the flight recorder,
         the W&B findings table at ``step``, and keep the last figures from before an instability."""
         if not new or not self.is_zero:
@@ -145,13 +138,13 @@ class ProbeOutput:
                               f"see findings.jsonl in {self.out_dir}.", ProbeWarning, stacklevel=3)
         if self._writable():
             try:
-                with open(self.out_dir / "findings.jsonl", "a", encoding="utf-8") as fh:
+                with open(self.out_dir / FINDINGS_NAME, "a", encoding="utf-8") as fh:
                     fh.writelines(f.to_json() + "\n" for f in new)
                 if history_csv is not None:
                     from .sinks import atomic_write_text
 
                     atomic_write_text(self.out_dir / f"flight_recorder_step{step:06d}.csv",
-                                      history_csv(self.flight_recorder_steps))
+                                      history_csv(self.config.history_csv_steps))
             except OSError as err:
                 self._disk_failed(err)
         if self.disk is not None:
@@ -159,6 +152,11 @@ class ProbeOutput:
                 if f.kind in ("nonfinite", "exploding"):
                     self.disk.keep_before(f.layer, f.step)
         self._push_findings(everything, step)
+        self.record.set_findings(everything)
+        if streams:
+            self.record.streams = list(streams)
+        self.record.last_step = max(self.record.last_step, int(step))
+        self._save_record()
 
     def _push_findings(self, everything: list[Finding], step: int) -> None:
         if not self._wandb or len(everything) == self._findings_pushed:
@@ -222,28 +220,33 @@ class ProbeOutput:
             except Exception as err:
                 self.say(f"lit_probe: could not push figures ({err}).")
 
-    def close(self, findings: list[Finding], extra_lines: list[str], final_timeline: Any = None,
+    def figures_written(self) -> None:
+        """After a figure step: the record's figure index as the disk sink has it now."""
+        if self.disk is not None:
+            self.record.figures = self.disk.index()
+            self._save_record()
+
+    def close(self, findings: list[Finding], *, status: str, never_ran: Sequence[str] = (),
+              skipped_steps: Sequence[int] = (), streams: Sequence[dict] = (), timeline: Any = None,
               step: int = 0) -> None:
-        """End of the run (fit end or failure): bounded wait for figures, then summary, incidents, report."""
+        """End of the run (``status`` ``"finished"`` or ``"failed"``): bounded wait for figures, then the record,
+        ``findings.jsonl`` in incident order, ``summary.md`` and ``report.html``."""
         if not self.is_zero:
             return
         if findings and len(findings) != self._findings_pushed:
             self._push_findings(findings, step)  # the table of every finding, once more at the end
+        skipped: list[str] = []
         if self.renderer is not None:
             r, self.renderer = self.renderer, None
             try:
-                if final_timeline is not None and "timeline" in self.figure_kinds:
-                    r.submit_timeline(step, final_timeline.names, final_timeline.steps, final_timeline.act_rms,
-                                      final_timeline.grad_rms, final_timeline.dead, final_timeline.marks,
-                                      urgent=True)  # ahead of the queue: the fit-end time bound never drops it
-                r.close(self.close_timeout)
+                if timeline is not None and "timeline" in self.figure_kinds:
+                    r.submit_timeline(step, timeline.names, timeline.steps, timeline.act_rms, timeline.grad_rms,
+                                      timeline.dead, timeline.marks, urgent=True)  # the end's time bound never drops it
+                r.close(self.config.figure_wait_s)
                 r.flush_sinks()  # every sink once, W&B included
-                lines = list(getattr(r, "skipped_summary", lambda: [])())
-                if not lines and getattr(r, "dropped", 0):
-                    lines = [f"{r.dropped} figure job(s) not drawn (queue full or fit-end timeout)"]
-                self.skipped += lines
-                for line in lines:
-                    self.say(f"lit_probe: {line}")
+                skipped = list(r.skipped_summary())
+                for line in skipped:  # in the record as `figures_skipped`, not as a note
+                    log.warning(f"lit_probe: {line}")
             except Exception as err:
                 self.say(f"lit_probe: figure output failed at the end ({err}).")
         else:
@@ -252,11 +255,21 @@ class ProbeOutput:
                     sink.flush()
                 except Exception as err:
                     self.say(f"lit_probe: could not push to W&B at the end ({err}).")
-        self._write_final(findings, extra_lines)
+        rec = self.record
+        rec.status, rec.never_ran, rec.skipped_steps = status, list(never_ran), [int(x) for x in skipped_steps]
+        rec.figures_skipped = skipped
+        rec.last_step = max(rec.last_step, int(step))
+        if streams:
+            rec.streams = list(streams)
+        if self.disk is not None:
+            rec.figures = self.disk.index()
+        rec.set_findings(findings)
+        rec.ended = time.time()
+        self._write_final()
 
     # ------------------------------------------------------------------ files
     def _writable(self) -> bool:
-        if not self._jsonl_ok:
+        if not self._disk_ok:
             return False
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -266,32 +279,36 @@ class ProbeOutput:
             return False
 
     def _disk_failed(self, err: OSError) -> None:
-        self._jsonl_ok = False
+        self._disk_ok = False
         self.say(f"lit_probe: cannot write to {self.out_dir} ({err}); findings stay in `probe.findings`.")
 
-    def _write_final(self, findings: list[Finding], extra_lines: list[str]) -> None:
+    def _save_record(self) -> None:
+        if self._writable():
+            try:
+                self.record.save(self.out_dir)
+            except OSError as err:
+                self._disk_failed(err)
+
+    def _write_final(self) -> None:
+        """``findings.jsonl`` (the rows of the record, in incident order), ``run.json``, ``summary.md``, then
+        ``report.html`` (each a view of the record)."""
         from .sinks import atomic_write_text
 
-        lines = list(extra_lines)
-        if self.skipped:
-            lines.append("- figures not drawn: " + "; ".join(self.skipped[:10]))
-        if not self._jsonl_ok:
+        if not self._writable():
             return
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            ordered = sorted(findings, key=lambda f: (f.incident, not f.cause, f.step))
-            atomic_write_text(self.out_dir / "findings.jsonl", "".join(f.to_json() + "\n" for f in ordered))
-            atomic_write_text(self.out_dir / "incidents.json",
-                              json.dumps([i.to_dict() for i in incidents_of(findings)], indent=1) + "\n")
-            atomic_write_text(self.out_dir / "summary.md", findings_to_markdown(findings, extra_lines=lines))
+            atomic_write_text(self.out_dir / FINDINGS_NAME, "".join(
+                f.to_json() + "\n" for f in self.record.finding_objects()))
+            self.record.save(self.out_dir)
+            atomic_write_text(self.out_dir / SUMMARY_NAME, self.record.summary_markdown())
         except OSError as err:
             self._disk_failed(err)
             return
         try:
             from .report import write_report
 
-            write_report(self.out_dir)
+            write_report(self.out_dir, record=self.record)
         except ImportError:
             pass
-        except Exception as err:  # the report is a view of the files above: never fail the run for it
+        except Exception as err:  # the report is a view of the record: never fail the run for it
             self.say(f"lit_probe: could not write report.html ({type(err).__name__}: {err}).")

@@ -1,17 +1,23 @@
 """Packages
 ========
 
-Both Lightning packages, first class: which are installed, and ``FeatureProbe`` classes that are real subclasses
-of their ``Callback``. Nothing here imports Lightning before a class is built.
+Both Lightning packages, first class. :class:`FeatureProbe` here is a real class (a ``class`` statement, seen by
+``help()``, ``inspect.signature``, jsonargparse and IDEs) whose bases are :class:`~lit_probe.callback.ProbeCallback`
+and the ``Callback`` of every Lightning package installed (``lightning.pytorch`` first, then
+``pytorch_lightning``), so one class works with either ``Trainer`` and either ``LightningCLI``. It is
+``lit_probe.FeatureProbe``; ``lit_probe.lightning.FeatureProbe`` and ``lit_probe.pytorch_lightning.FeatureProbe``
+subclass one package's ``Callback`` only (and import only that package).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
 from importlib.util import find_spec
+from typing import TYPE_CHECKING
 
-__all__ = ["lightning_packages", "make_feature_probe"]
+from .callback import ProbeCallback
+
+__all__ = ["FeatureProbe", "lightning_packages"]
 
 
 def lightning_packages() -> list[str]:
@@ -19,19 +25,21 @@ def lightning_packages() -> list[str]:
     return [p for p in ("lightning", "pytorch_lightning") if find_spec(p) is not None]
 
 
-def _callback_base(package: str) -> type:
-    module = importlib.import_module("lightning.pytorch" if package == "lightning" else "pytorch_lightning")
-    return module.Callback
-
-
-def make_feature_probe(packages: Sequence[str], module: str) -> type:
-    """``ProbeCallback`` joined with the ``Callback`` of each of ``packages``, as ``<module>.FeatureProbe``."""
-    from .callback import ProbeCallback
-
+def _callbacks() -> tuple[type, ...]:
+    packages = lightning_packages()
     if not packages:
         raise ImportError("lit_probe.FeatureProbe needs PyTorch Lightning: `pip install lit-probe[lightning]` "
-                          "(the `lightning` package) or `pip install lit-probe[pytorch-lightning]`.")
-    bases = (ProbeCallback,) + tuple(_callback_base(p) for p in packages)
-    cls = type("FeatureProbe", bases, {"__module__": module, "__doc__": ProbeCallback.__doc__})
-    cls.__qualname__ = "FeatureProbe"
-    return cls
+                          "(the `lightning` package) or `pip install lit-probe[pytorch-lightning]`. Without "
+                          "Lightning, use lit_probe.ProbeRun in your own loop.")
+    return tuple(importlib.import_module("lightning.pytorch" if p == "lightning" else "pytorch_lightning").Callback
+                 for p in packages)
+
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Callback as _Callback
+
+    class FeatureProbe(ProbeCallback, _Callback):
+        ...
+else:
+    class FeatureProbe(ProbeCallback, *_callbacks()):
+        __doc__ = ProbeCallback.__doc__

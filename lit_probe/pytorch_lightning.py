@@ -13,9 +13,13 @@ Install: ``pip install "lit-probe[pytorch-lightning]"``.
 
 from __future__ import annotations
 
+from pytorch_lightning import Callback
+
+from .callback import ProbeCallback
 from .output import ProbeWarning
-from .packages import make_feature_probe
 
 __all__ = ["FeatureProbe", "ProbeWarning"]
 
-FeatureProbe = make_feature_probe(["pytorch_lightning"], __name__)
+
+class FeatureProbe(ProbeCallback, Callback):
+    __doc__ = ProbeCallback.__doc__

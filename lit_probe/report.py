@@ -6,18 +6,11 @@
 script from the web (one small inline script only records, for tests and curious readers, how many images
 decoded and whether a script error happened). It opens from disk in any browser.
 
-It reads, each optional (a run that ended in an exception leaves partial files, an empty ``findings.jsonl``
-or no timeline; the report says what is missing instead of failing):
-
-* ``findings.jsonl`` -- one :meth:`~lit_probe.findings.Finding.to_dict` object per line; ``"nan"``/``"inf"``
-  strings as values; optional keys ``incident`` (an id grouping the findings of one root cause) and
-  ``cause`` (``true`` for the incident's first layer and step).
-* ``incidents.json`` -- a list of ``{id, kind, signal, step, layer, layers, count}``; without it incidents are
-  derived from the findings (grouped by ``incident`` id, or one per finding when there are no ids).
-* ``summary.md`` -- its notes above the table ("the run ended with an exception", "layers that never ran").
-* figures -- ``_all/timeline.png`` and ``<safe_name(layer)>/<figure>.png`` (overwrite mode),
-  ``<figure>_step000123.png`` (versioned mode; the newest is "latest") and ``<figure>_before.png`` (the
-  last figure from before the first non-finite/exploding finding).
+It reads one thing: the run record (:class:`~lit_probe.record.RunRecord`, ``run.json``): findings, incidents,
+streams in execution order, notes, and the figure index (which file shows which layer, figure and step; ``_at``
+the step that fired, ``_before`` the last one before it). A run still going or killed has a record with
+``status: running`` up to its last write; the page says so. Figures listed in the index but gone from disk are
+left out.
 
 The page, in order: a header (run dir, counts, the summary's notes); the incidents (cause layer, step, kind,
 signal, advice, the layers reached after) and a table of every finding; the health timeline; for each layer
@@ -32,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import re
 import struct
@@ -43,6 +35,7 @@ from typing import Any, Optional
 from urllib.parse import quote
 
 from .findings import ADVICE, KINDS
+from .record import RunRecord, read_record
 from .sinks import atomic_write_text, safe_name
 
 __all__ = ["write_report", "REPORT_NAME", "MAX_INLINE_LAYERS"]
@@ -54,9 +47,8 @@ MAX_INLINE_LAYERS = 200
 #: Figures larger than this are linked (relative path), not inlined.
 MAX_INLINE_BYTES = 8 * 1024 * 1024
 
-_TIMELINE_DIR = "_all"  # render.TIMELINE_LAYER; safe_name("_all") == "_all"
+_TIMELINE_LAYER = "_all"  # the layer name of the health timeline in the figure index (render.TIMELINE_LAYER)
 _FIGURE_ORDER = ("activations", "gradients", "histograms", "gradcam", "parameters")
-_PNG_NAME = re.compile(r"^(?P<figure>.+?)(?P<tag>_before|_at)?(?:_step(?P<step>\d+))?\.png$")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CODE_SPAN = re.compile(r"`([^`]+)`")
 _BOLD_SPAN = re.compile(r"\*\*([^*]+)\*\*")
@@ -69,7 +61,7 @@ _MAX_LAYERS_SHOWN = 8  # an incident's later layers beyond this are collapsed
 @dataclass
 class _Png:
     path: Path
-    step: Optional[int]  # from ``_step000123``; None: an overwrite-mode file ("latest")
+    step: int  # the step the file shows (from the record's figure index)
 
 
 @dataclass
@@ -82,23 +74,19 @@ class _Figure:
     at: list[_Png] = field(default_factory=list)  # ``_at``: drawn from the step of the first severe finding
 
     def latest(self) -> Optional[_Png]:
-        stepped = [p for p in self.versions if p.step is not None]
-        if stepped:
-            return stepped[-1]
         return self.versions[-1] if self.versions else None
 
     def at_or_after(self, step: int) -> Optional[_Png]:
-        """The ``_at`` file (the step that fired), else the first versioned file at or after ``step``, else the
-        latest."""
+        """The ``_at`` file (the step that fired), else the first file at or after ``step``, else the latest."""
         if self.at:
             return self.at[-1]
-        return next((p for p in self.versions if p.step is not None and p.step >= step), None) or self.latest()
+        return next((p for p in self.versions if p.step >= step), None) or self.latest()
 
     def before_step(self, step: int) -> Optional[_Png]:
-        """A ``_before`` file, else the newest versioned file before ``step``."""
+        """A ``_before`` file, else the newest file before ``step``."""
         if self.before:
             return self.before[-1]
-        earlier = [p for p in self.versions if p.step is not None and p.step < step]
+        earlier = [p for p in self.versions if p.step < step]
         return earlier[-1] if earlier else None
 
 
@@ -115,142 +103,67 @@ class _Incident:
     cause: Optional[dict[str, Any]]
 
 
-def _read_findings(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    if not path.is_file():
-        notes.append("no `findings.jsonl`: the run wrote no findings file (still running, killed, or another "
-                     "directory?)")
-        return []
-    rows: list[dict[str, Any]] = []
-    bad = 0
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as err:
-        notes.append(f"cannot read `findings.jsonl`: {err}")
-        return []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    if bad:
-        notes.append(f"{bad} unreadable line(s) in `findings.jsonl` skipped (a partial write?)")
-    return rows
-
-
-def _int_or(value: Any, default: Optional[int]) -> Optional[int]:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
-
-
 def _kind_rank(kind: str) -> int:
     return KINDS.index(kind) if kind in KINDS else len(KINDS)
 
 
 def _first_steps(rows: list[dict[str, Any]]) -> dict[str, int]:
     first: dict[str, int] = {}
-    for r in sorted(rows, key=lambda r: _int_or(r.get("step"), 0) or 0):
-        layer = str(r.get("layer", ""))
-        first.setdefault(layer, _int_or(r.get("step"), 0) or 0)
+    for r in sorted(rows, key=lambda r: int(r.get("step", 0))):
+        first.setdefault(str(r.get("layer", "")), int(r.get("step", 0)))
     return first
 
 
-def _incidents(save_dir: Path, rows: list[dict[str, Any]], notes: list[str]) -> list[_Incident]:
-    by_id: dict[Any, list[dict[str, Any]]] = {}
-    for r in rows:
-        if _has_incident(r):
-            by_id.setdefault(r["incident"], []).append(r)
+def _incidents(record: RunRecord) -> list[_Incident]:
+    """The record's incidents (grouped by :mod:`lit_probe.findings` during the run), with their findings."""
+    by_id: dict[int, list[dict[str, Any]]] = {}
+    for r in record.findings:
+        by_id.setdefault(int(r.get("incident", -1)), []).append(r)
     out: list[_Incident] = []
-    path = save_dir / "incidents.json"
-    listed: Any = None
-    if path.is_file():
-        try:
-            listed = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            notes.append(f"`incidents.json` unreadable ({type(err).__name__}); incidents derived from the findings")
-        if listed is not None and not isinstance(listed, list):
-            notes.append("`incidents.json` is not a list; incidents derived from the findings")
-            listed = None
-    if listed is not None:
-        for item in listed:
-            if not isinstance(item, dict):
-                continue
-            members = by_id.get(item.get("id"), [])
-            layer = str(item.get("layer", ""))
-            first = _first_steps(members)
-            layers = [str(x) for x in item.get("layers") or [] if str(x) != layer] or \
-                [x for x in first if x != layer]
-            cause = next((m for m in members if m.get("cause")), None) or \
-                next((m for m in members if str(m.get("layer")) == layer), None)
-            out.append(_Incident(0, str(item.get("id", "")), str(item.get("kind", "")), str(item.get("signal", "")),
-                                 _int_or(item.get("step"), 0) or 0, layer, [(x, first.get(x)) for x in layers],
-                                 _int_or(item.get("count"), len(members)) or len(members), cause))
-    else:
-        groups: list[list[dict[str, Any]]] = list(by_id.values())
-        groups += [[r] for r in rows if not _has_incident(r)]
-        for members in groups:
-            order = sorted(members, key=lambda r: (_int_or(r.get("step"), 0) or 0, _kind_rank(str(r.get("kind")))))
-            cause = next((m for m in members if m.get("cause")), order[0])
-            layer = str(cause.get("layer", ""))
-            first = _first_steps(members)
-            label = str(cause["incident"]) if _has_incident(cause) else ""
-            out.append(_Incident(0, label, str(cause.get("kind", "")), str(cause.get("signal", "")),
-                                 _int_or(cause.get("step"), 0) or 0, layer,
-                                 [(x, s) for x, s in first.items() if x != layer], len(members), cause))
+    for item in record.incidents:
+        members = by_id.get(int(item["id"]), [])
+        first = _first_steps(members)
+        layer = str(item["layer"])
+        cause = next((m for m in members if m.get("cause")), None)
+        out.append(_Incident(0, str(item["id"]), str(item["kind"]), str(item["signal"]), int(item["step"]), layer,
+                             [(x, first.get(x)) for x in item.get("layers", []) if x != layer],
+                             int(item.get("count", len(members))), cause))
     out.sort(key=lambda i: (i.step, _kind_rank(i.kind)))
     for n, inc in enumerate(out, 1):
         inc.number = n
-        inc.label = inc.label or str(n)
     return out
 
 
-def _has_incident(row: dict[str, Any]) -> bool:
-    """Whether a finding carries an incident id (``-1``: not grouped)."""
-    iid = row.get("incident")
-    return iid is not None and not isinstance(iid, bool) and iid != -1
-
-
-def _summary_notes(path: Path) -> Optional[list[str]]:
-    """The bullet lines of ``summary.md`` above its table (``None`` when there is no summary)."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    notes = []
-    for line in text.splitlines():
-        if line.startswith(("|", "## ", "No findings")):
-            break
-        if line.startswith("- "):
-            notes.append(line[2:])
-    return notes
-
-
-def _scan_figures(directory: Path) -> dict[str, _Figure]:
-    figures: dict[str, _Figure] = {}
-    try:
-        files = sorted(p for p in directory.iterdir() if p.suffix == ".png" and not p.name.startswith("."))
-    except OSError:
-        return figures
-    for p in files:
-        m = _PNG_NAME.match(p.name)
-        if m is None or not p.is_file():
+def _figures(save_dir: Path, record: RunRecord) -> dict[str, dict[str, _Figure]]:
+    """Per layer (``_all``: the timeline), its figures from the record's index, in the figure kinds' order."""
+    layers: dict[str, dict[str, _Figure]] = {}
+    for row in record.figures:
+        path = save_dir / str(row["file"])
+        if not path.is_file():
             continue
-        fig = figures.setdefault(m["figure"], _Figure(m["figure"]))
-        png = _Png(p, int(m["step"]) if m["step"] else None)
-        {"_before": fig.before, "_at": fig.at}.get(m["tag"] or "", fig.versions).append(png)
-    for fig in figures.values():
-        for lst in (fig.versions, fig.before, fig.at):
-            lst.sort(key=lambda p: (p.step is None, p.step or 0))
-    return dict(sorted(figures.items(), key=lambda kv: (
+        fig = layers.setdefault(str(row["layer"]), {}).setdefault(str(row["figure"]), _Figure(str(row["figure"])))
+        {"before": fig.before, "at": fig.at}.get(str(row.get("tag", "")), fig.versions).append(
+            _Png(path, int(row["step"])))
+    for figs in layers.values():
+        for fig in figs.values():
+            for lst in (fig.versions, fig.before, fig.at):
+                lst.sort(key=lambda p: p.step)
+    return {layer: dict(sorted(figs.items(), key=lambda kv: (
         _FIGURE_ORDER.index(kv[0]) if kv[0] in _FIGURE_ORDER else len(_FIGURE_ORDER), kv[0])))
+        for layer, figs in layers.items()}
+
+
+def _record_notes(record: RunRecord) -> list[str]:
+    """The record's lines for people, as in ``summary.md`` (probed layers, never ran, skipped, notes)."""
+    lines = [f"probed layers ({len(record.layers)}): " + ", ".join(f"`{p}`" for p in record.layers[:50])
+             + (f" and {len(record.layers) - 50} more" if len(record.layers) > 50 else "")]
+    if record.skipped_steps:
+        lines.append(f"steps skipped by the GradScaler (inf/NaN gradients by design): {record.skipped_steps[:20]}")
+    if record.never_ran:
+        lines.append("layers that never ran: " + ", ".join(f"`{n}`" for n in record.never_ran))
+    if record.figures_skipped:
+        lines.append("figures not drawn: " + "; ".join(record.figures_skipped[:10]))
+    return lines + list(record.notes)
 
 
 def _natural(name: str) -> list[Any]:
@@ -321,9 +234,8 @@ class _Images:
 
 
 def _caption(figure: str, png: _Png, what: str = "") -> str:
-    """``<b>figure</b> · what · step N`` (``latest`` for an unversioned file)."""
-    where = f"step {png.step}" if png.step is not None else "latest"
-    return " · ".join([f"<b>{_e(figure)}</b>", *([_e(what)] if what else []), _e(where)])
+    """``<b>figure</b> · what · step N`` (the step the image shows)."""
+    return " · ".join([f"<b>{_e(figure)}</b>", *([_e(what)] if what else []), _e(f"step {png.step}")])
 
 
 _CSS = """
@@ -428,10 +340,10 @@ def _incident_html(inc: _Incident, has_figs: set[str]) -> str:
 def _findings_table(rows: list[dict[str, Any]]) -> str:
     head = ("incident", "step", "layer", "signal", "kind", "value", "threshold", "severity", "message")
     out = ["<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
-    for r in sorted(rows, key=lambda r: (_int_or(r.get("step"), 0) or 0, _kind_rank(str(r.get("kind"))))):
+    for r in sorted(rows, key=lambda r: (int(r.get("step", 0)), _kind_rank(str(r.get("kind"))))):
         css = ' class="cause"' if r.get("cause") else ""
         out.append(
-            f"<tr{css}><td class='num'>{_e(r['incident']) if _has_incident(r) else ''}</td>"
+            f"<tr{css}><td class='num'>{_e(r.get('incident', ''))}</td>"
             f"<td class='num'>{_e(r.get('step', ''))}</td>"
             f"<td class='layer-cell'><code>{_e(r.get('layer', ''))}</code></td><td>{_e(r.get('signal', ''))}</td>"
             f"<td>{_e(r.get('kind', ''))}</td><td class='num'>{_num(r.get('value'))}</td>"
@@ -444,41 +356,18 @@ def _findings_table(rows: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # the report
 # ----------------------------------------------------------------------------------------------------------
-def _build(save_dir: Path, title: Optional[str]) -> str:
-    notes: list[str] = []  # about the report's inputs
-    rows = _read_findings(save_dir / "findings.jsonl", notes)
-    incidents = _incidents(save_dir, rows, notes)
-    summary = _summary_notes(save_dir / "summary.md")
-    if summary is None:
-        notes.append("no `summary.md`: the run may still be running, or was killed before fit ended")
-
-    # layers: names from the findings and the summary; directories mapped back through safe_name
-    known: list[str] = [str(r.get("layer", "")) for r in rows] + [i.layer for i in incidents]
-    known += [x for i in incidents for x, _ in i.later]
-    for line in summary or []:
-        if line.startswith(("probed layers", "layers that never ran")):
-            known += _CODE_SPAN.findall(line)
-    probed_order = next((_CODE_SPAN.findall(line) for line in summary or [] if line.startswith("probed layers")),
-                        [])
-    by_dir = {safe_name(n): n for n in known if n}
-    layer_figs: dict[str, dict[str, _Figure]] = {}
-    try:
-        dirs = sorted(p for p in save_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except OSError:
-        dirs = []
-    timeline: Optional[_Png] = None
-    for d in dirs:
-        figs = _scan_figures(d)
-        if d.name == _TIMELINE_DIR:
-            tl = figs.get("timeline")
-            timeline = tl.latest() if tl else None
-            continue
-        if figs:
-            layer_figs[by_dir.get(d.name, d.name)] = figs
-    rank = {n: i for i, n in enumerate(probed_order)}
-    layers = sorted(layer_figs, key=lambda n: (rank.get(n, len(rank)), _natural(n)))
-    finding_layers = list(_first_steps(rows))
-    n_files = sum(len(f.versions) + len(f.before) for figs in layer_figs.values() for f in figs.values())
+def _build(save_dir: Path, record: RunRecord, title: Optional[str]) -> str:
+    rows = record.findings
+    incidents = _incidents(record)
+    order = {n: i for i, n in enumerate(record.stream_order())}
+    layer_figs = _figures(save_dir, record)
+    tl = layer_figs.pop(_TIMELINE_LAYER, {}).get("timeline")
+    timeline = tl.latest() if tl else None
+    # execution order: a stream's place, a module's place is its first stream's
+    layers = sorted(layer_figs, key=lambda n: (order.get(n, len(order)), _natural(n)))
+    finding_layers = sorted(_first_steps(rows), key=lambda n: (_first_steps(rows)[n], order.get(n, len(order))))
+    n_files = sum(len(f.versions) + len(f.before) + len(f.at) for figs in layer_figs.values() for f in figs.values())
+    notes = _record_notes(record)
 
     images = _Images(save_dir)
     page: list[str] = []
@@ -490,10 +379,13 @@ def _build(save_dir: Path, title: Optional[str]) -> str:
               f"{n_files + (timeline is not None)} figure file(s)")
     page.append(f"<h1>{_e(title)}</h1>")
     page.append(f'<p class="meta">run dir <code>{_e(save_dir)}</code><br>{_e(counts)}</p>')
-    failed = [n for n in summary or [] if "exception" in n]
-    for line in failed:
-        page.append(f'<div class="banner">{_md(line)}</div>')
-    items = [_md(n) for n in [n for n in summary or [] if n not in failed] + notes]
+    if record.status == "failed":
+        page.append('<div class="banner">the run ended with an exception; statistics up to the last completed step '
+                    "are included</div>")
+    elif record.status == "running":
+        page.append('<div class="banner">the run had not ended when its record was last written (still running, '
+                    "or killed): what follows is up to that point</div>")
+    items = [_md(n) for n in notes]
     try:
         others = sorted(p.name for p in save_dir.iterdir() if p.is_file() and p.suffix in (".csv", ".md", ".json")
                         and not p.name.startswith("."))
@@ -510,8 +402,7 @@ def _build(save_dir: Path, title: Optional[str]) -> str:
     # incidents and findings first
     page.append(f'<section id="incidents"><h2>Incidents ({len(incidents)})</h2>')
     if not incidents:
-        page.append("<p>No findings: every probed layer stayed within the thresholds.</p>"
-                    if (save_dir / "findings.jsonl").is_file() else "<p>No findings file.</p>")
+        page.append("<p>No findings: every probed layer stayed within the thresholds.</p>")
     page += [_incident_html(inc, set(layer_figs)) for inc in incidents]
     page.append("</section>")
     page.append(f'<section id="findings"><h2>All findings ({len(rows)})</h2>')
@@ -533,8 +424,6 @@ def _build(save_dir: Path, title: Optional[str]) -> str:
     page.append("</section>")
 
     # before / at the finding, per layer with a finding
-    severe_steps = [_int_or(r.get("step"), None) for r in rows if r.get("kind") in ("nonfinite", "exploding")]
-    first_severe = min((s for s in severe_steps if s is not None), default=None)
     page.append('<section id="at-findings"><h2>Figures at the findings</h2>')
     if not finding_layers:
         page.append('<p class="muted">No findings.</p>')
@@ -554,20 +443,11 @@ def _build(save_dir: Path, title: Optional[str]) -> str:
             if at is None and before is None:
                 continue
             if before is not None:
-                if before.step is not None:
-                    cap = _caption(name, before, "before")
-                else:  # a ``_before`` file: the last figure drawn before the first non-finite/exploding finding
-                    cap = f"<b>{_e(name)}</b> · the last one before step {first_severe}" \
-                        if first_severe is not None else f"<b>{_e(name)}</b> · before"
-                left = images.figure(before, cap, f"{layer} {name} before the finding")
+                left = images.figure(before, _caption(name, before, "before"), f"{layer} {name} before the finding")
             else:
                 left = '<figure class="fig missing"><p>no figure from before the finding was kept</p></figure>'
             if at is not None and at in fig.at:
-                own = [_int_or(r.get("step"), None) for r in rows if str(r.get("layer")) == layer
-                       and r.get("kind") in ("nonfinite", "exploding")]
-                own_step = min((x for x in own if x is not None), default=None)
-                cap = f"<b>{_e(name)}</b> · at the step that fired" + \
-                    (f" · step {own_step}" if own_step is not None else "")
+                cap = _caption(name, at, "at the step that fired")
             else:
                 cap = _caption(name, at, "at/after the finding") if at is not None else ""
             right = images.figure(at, cap, f"{layer} {name}") if at else \
@@ -608,12 +488,12 @@ def _build(save_dir: Path, title: Optional[str]) -> str:
             + "\n".join(page) + "\n</main></body></html>\n")
 
 
-def write_report(save_dir: str | os.PathLike[str], *, title: str | None = None) -> Path:
+def write_report(save_dir: str | os.PathLike[str], *, title: str | None = None,
+                 record: RunRecord | None = None) -> Path:
     """Write ``<save_dir>/report.html``: one self-contained page of a probed run's findings and figures.
 
-    Reads ``findings.jsonl``, ``incidents.json``, ``summary.md`` and the figure PNGs the run left (each
-    optional; see the module docstring), and inlines every image as a ``data:`` URI, so the file opens from
-    disk with no network access.
+    Reads the run record (``run.json``, or ``record`` when the run passes its own) and the figure PNGs its index
+    lists, and inlines every image as a ``data:`` URI, so the file opens from disk with no network access.
 
     Args:
         save_dir: the probe's save directory (``FeatureProbe(save_dir=...)``, by default
@@ -625,7 +505,7 @@ def write_report(save_dir: str | os.PathLike[str], *, title: str | None = None) 
         The path of the written ``report.html``.
 
     Raises:
-        FileNotFoundError: ``save_dir`` does not exist.
+        FileNotFoundError: ``save_dir`` does not exist, or holds no ``run.json``.
         NotADirectoryError: ``save_dir`` is not a directory.
         OSError: the report cannot be written.
     """
@@ -636,5 +516,5 @@ def write_report(save_dir: str | os.PathLike[str], *, title: str | None = None) 
         raise NotADirectoryError(f"not a directory: {root}")
     root = root.resolve()
     path = root / REPORT_NAME
-    atomic_write_text(path, _build(root, title))
+    atomic_write_text(path, _build(root, record if record is not None else read_record(root), title))
     return path

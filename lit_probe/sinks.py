@@ -35,6 +35,7 @@ __all__ = [
     "WandbSink",
     "atomic_write_bytes",
     "atomic_write_text",
+    "figure_file",
     "image_sinks_for",
     "safe_name",
 ]
@@ -79,6 +80,15 @@ def safe_name(layer: str) -> str:
         return slug
     digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     return f"{slug.rstrip('.')}-{digest}" if slug.rstrip(".") else f"_-{digest}"
+
+
+def figure_file(figure: str, *, tag: str = "", step: int | None = None) -> str:
+    """The file name of a figure, defined once: ``<figure>.png`` (overwrite mode), ``<figure>_step000123.png``
+    (versioned), ``<figure>_at.png`` (the step that fired) and ``<figure>_before.png`` (the last one before)."""
+    fig = safe_name(figure)
+    if tag:
+        return f"{fig}_{tag}.png"
+    return f"{fig}.png" if step is None else f"{fig}_step{int(step):06d}.png"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -169,6 +179,8 @@ class DiskSink:
         self._before_step: dict[str, int] = {}  # layer -> step of its first non-finite/exploding finding
         self._kept: dict[tuple[str, str], int] = {}  # (layer, figure) -> step its `_before` file shows
         self._shown: dict[tuple[str, str], int] = {}  # (layer, figure) -> step `<figure>.png` shows (overwrite)
+        # the figure index: (layer, figure, tag, file name) -> step the file shows (see :meth:`index`)
+        self._index: dict[tuple[str, str, str, str], int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -190,9 +202,7 @@ class DiskSink:
         Returns:
             The destination path.
         """
-        fig = safe_name(figure)
-        name = f"{fig}_step{int(step):06d}.png" if self.mode == "versioned" else f"{fig}.png"
-        return self.root / safe_name(layer) / name
+        return self.root / safe_name(layer) / figure_file(figure, step=step if self.mode == "versioned" else None)
 
     def write_png(self, layer: str, figure: str, png: bytes, step: int) -> Path | None:
         """Write one PNG; on ``OSError`` warn once, disable disk output and return ``None``.
@@ -223,9 +233,9 @@ class DiskSink:
                 # the flight recorder's figures of a step that fired arrive after later figures: they go to
                 # `<figure>_at.png` and never overwrite a newer `<figure>.png`
                 if self._before_step.get(layer) == step:
-                    atomic_write_bytes(parent / f"{safe_name(figure)}_at.png", png)
+                    self._write_locked(layer, figure, "at", parent, png, step)
                 if self.mode == "versioned" or step >= self._shown.get(key, -1):
-                    atomic_write_bytes(target, png)
+                    self._write_locked(layer, figure, "", parent, png, step, target.name)
                     self._shown[key] = step
                 recent = self._recent.setdefault(key, [])
                 recent[:] = sorted(recent + [(step, png)], key=lambda sp: sp[0])[-2:]
@@ -259,8 +269,22 @@ class DiskSink:
         older = [(st, png) for st, png in self._recent.get((layer, figure), []) if st < limit]
         if not older or self._kept.get((layer, figure), -1) >= older[-1][0]:
             return
-        atomic_write_bytes(directory / f"{safe_name(figure)}_before.png", older[-1][1])
+        self._write_locked(layer, figure, "before", directory, older[-1][1], older[-1][0])
         self._kept[(layer, figure)] = older[-1][0]
+
+    def _write_locked(self, layer: str, figure: str, tag: str, directory: Path, png: bytes, step: int,
+                      name: str | None = None) -> None:
+        name = name or figure_file(figure, tag=tag)
+        atomic_write_bytes(directory / name, png)
+        self._index[(layer, figure, tag, name)] = int(step)
+
+    def index(self) -> list[dict[str, Any]]:
+        """Every figure file written (and not pruned): ``{layer, figure, tag, step, file}``, ``file`` relative to
+        ``root``; ``tag`` is ``""`` (a routine figure), ``"at"`` (the step that fired) or ``"before"``."""
+        with self._lock:
+            rows = [{"layer": layer, "figure": figure, "tag": tag, "step": step,
+                     "file": f"{safe_name(layer)}/{name}"} for (layer, figure, tag, name), step in self._index.items()]
+        return sorted(rows, key=lambda r: (r["layer"], r["figure"], r["tag"], r["step"]))
 
     def _warn_escape(self, layer: str, parent: Path) -> None:
         if layer in self._escaped:
@@ -288,6 +312,9 @@ class DiskSink:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
+            gone = os.path.basename(p)
+            for key in [k for k in self._index if k[3] == gone and safe_name(k[0]) == os.path.basename(directory)]:
+                del self._index[key]
 
     def _disable(self, exc: OSError) -> None:
         self.disabled = True

@@ -1,9 +1,9 @@
 """Trainer
 =======
 
-What the callback reads from a Lightning ``Trainer`` (duck-typed: the same for ``lightning.pytorch`` and
-``pytorch_lightning``): the strategy (supported or not, and its all-gather for cross-rank statistics), the loss
-scale of a GradScaler, where a step ends, the images of a batch; and findings as checkpoint-safe primitives.
+What the adapters read from a Lightning ``Trainer`` or ``Fabric`` (duck-typed: the same for ``lightning.pytorch``,
+``pytorch_lightning`` and ``lightning.fabric``): the strategy (supported or not, and its all-gather for cross-rank
+statistics), the loss scale of a GradScaler, where a step ends.
 """
 
 from __future__ import annotations
@@ -13,22 +13,16 @@ from typing import Any
 import numpy as np
 
 from .errors import ProbeConfigError
-from .findings import Finding
 
-__all__ = ["NoTrainer", "check_strategy", "strategy_gather", "finding_state", "first_images", "is_last_batch",
-           "scaler_scale"]
+__all__ = ["check_strategy", "strategy_gather", "is_last_batch", "scaler_scale"]
 
 #: Strategies whose module wrapping the probe does not follow yet (sharded parameters and outputs).
 UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 
 
-class NoTrainer:
-    """A stand-in trainer for the last flush at fit end (nothing left to stop)."""
-
-    should_stop = False
-
-
 def check_strategy(trainer: Any) -> None:
+    """A ``ProbeConfigError`` under a strategy whose module wrapping the probe does not follow (a Trainer's or a
+    Fabric's)."""
     name = type(getattr(trainer, "strategy", None)).__name__
     if any(word in name for word in UNSUPPORTED_STRATEGIES):
         raise ProbeConfigError(
@@ -37,11 +31,11 @@ def check_strategy(trainer: Any) -> None:
             "`'ddp_find_unused_parameters_true'`), on CPU and GPU; see the README's compatibility table.")
 
 
-def strategy_gather(trainer: Any) -> Any:
-    """Every rank's packed statistics through ``trainer.strategy.all_gather`` (two collectives: sizes, data)."""
+def strategy_gather(strategy: Any) -> Any:
+    """Every rank's packed statistics through a Lightning or Fabric strategy's ``all_gather`` (two collectives:
+    sizes, data)."""
     import torch
 
-    strategy = trainer.strategy
     device = strategy.root_device
 
     def gather(vec: np.ndarray) -> list[np.ndarray]:
@@ -53,23 +47,6 @@ def strategy_gather(trainer: Any) -> Any:
         return [rows[r, :int(n)] for r, n in enumerate(sizes)]
 
     return gather
-
-
-def finding_state(f: Finding) -> dict:
-    """A Finding as checkpoint-safe primitives (loads with ``weights_only=True``)."""
-    return {"step": int(f.step), "layer": f.layer, "signal": f.signal, "kind": f.kind, "value": float(f.value),
-            "threshold": float(f.threshold), "message": f.message, "stat": f.stat, "incident": int(f.incident),
-            "cause": bool(f.cause)}
-
-
-def first_images(batch: Any, n: int) -> Any:
-    """The first ``[N, C, H, W]`` floating tensor of a batch (images), its first ``n`` samples."""
-    from .hooks import iter_tensors
-
-    for t in iter_tensors(batch):
-        if t.dim() == 4 and t.shape[1] in (1, 3, 4):
-            return t[:n].detach()
-    return None
 
 
 def is_last_batch(trainer: Any, batch_idx: int) -> bool:

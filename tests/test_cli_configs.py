@@ -67,8 +67,10 @@ def test_probe_config_parses(name, tmp_path, monkeypatch):
 
 def test_probe_yaml_writes_every_init_arg_with_its_default():
     init_args = _init_args("probe.yaml")
+    from lit_probe.config import RENAMED
+
     params = inspect.signature(FeatureProbe.__init__).parameters
-    expected = {k: p.default for k, p in params.items() if k != "self"}
+    expected = {k: p.default for k, p in params.items() if k != "self" and k not in RENAMED}  # deprecated names
     assert set(init_args) == set(expected)
     for key, default in expected.items():
         if key == "probes":  # None: only ProbeMixin declarations; the file probes every top-level module
@@ -77,6 +79,34 @@ def test_probe_yaml_writes_every_init_arg_with_its_default():
         if isinstance(default, tuple):
             default = list(default)
         assert init_args[key] == default, key
+
+
+def test_signature_is_visible_without_building_anything():
+    """A fresh interpreter: `inspect.signature` and `help()` see the arguments of a real class."""
+    import subprocess
+    import sys
+
+    code = ("import inspect, lit_probe, lit_probe.lightning as L; sig = inspect.signature(lit_probe.FeatureProbe); "
+            "print(list(sig.parameters)[:3], lit_probe.FeatureProbe.__module__, "
+            "list(inspect.signature(L.FeatureProbe).parameters)[0])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["['probes',", "'signals',", "'full_stats_every_n_steps']", "lit_probe.packages",
+                                  "probes"]
+
+
+def test_old_argument_names_still_work_with_a_deprecation_warning(tmp_path):
+    from lit_probe.errors import ProbeConfigError
+
+    with pytest.warns(DeprecationWarning, match="every_n_steps` is now called `full_stats_every_n_steps"):
+        p = FeatureProbe(probes=["net"], every_n_steps=7, mode="versioned", flight_recorder_steps=9)
+    assert (p.full_stats_every_n_steps, p.figure_files, p.history_csv_steps) == (7, "versioned", 9)
+    assert (p.every_n_steps, p.mode, p.flight_recorder_steps) == (7, "versioned", 9)
+    with pytest.raises(ProbeConfigError, match="`mode` \\(now `figure_files`\\)"):
+        with pytest.warns(DeprecationWarning):
+            FeatureProbe(probes=["net"], mode="append")
+    with pytest.raises(ProbeConfigError, match="not both"):
+        FeatureProbe(probes=["net"], every_n_steps=7, full_stats_every_n_steps=3)
 
 
 def test_demo_config_parses(tmp_path, monkeypatch):

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lit_probe.findings import ADVICE
+from lit_probe.findings import ADVICE, Finding
+from lit_probe.record import RunRecord, read_record
 from lit_probe.report import MAX_INLINE_LAYERS, write_report
-from lit_probe.sinks import safe_name
+from lit_probe.sinks import figure_file, safe_name
 
 CAUSE = "block3.norm_div"
 REUSED = "layer1.0.relu#1"  # the 2nd call of a reused module: its directory name carries a hash
@@ -55,20 +56,25 @@ FINDINGS = [
     _finding(31, "block3.pool", "gradient", "nonfinite", "nan", 0, incident=1, cause=False, stat="nonfinite"),
 ]
 
-SUMMARY = """# lit-probe summary
+def _fig(layer: str, figure: str, step: int, tag: str = "", versioned: bool = False) -> dict:
+    name = figure_file(figure, tag=tag, step=step if versioned and not tag else None)
+    return {"layer": layer, "figure": figure, "tag": tag, "step": step, "file": f"{safe_name(layer)}/{name}"}
 
-- probed layers (4): `stem`, `layer1.0.relu#1`, `block3.norm_div`, `head`
-- the run ended with an exception; statistics up to the last completed step are included
-- layers that never ran: `block3.pool`
 
-| step | layer | signal | kind | value | threshold |
-| ---: | --- | --- | --- | ---: | ---: |
-| 20 | `layer1.0.relu#1` | activation | dead | 0.97 | 0.9 |
+FIGURES = [  # the figure index as the disk sink keeps it: which file shows which layer, figure and step
+    _fig("_all", "timeline", 40),
+    _fig(CAUSE, "activations", 40), _fig(CAUSE, "activations", 25, "before"),
+    _fig(CAUSE, "gradients", 10, versioned=True), _fig(CAUSE, "gradients", 40, versioned=True),
+    _fig(REUSED, "activations", 40), _fig("stem", "activations", 40), _fig("stem", "histograms", 40),
+    _fig("head", "gradcam", 40),
+]
 
-## What to do
 
-- **dead**: something
-"""
+def _record(findings: list[dict], figures: list[dict], **kw) -> RunRecord:
+    objs = [Finding.from_dict(f) for f in findings]
+    rec = RunRecord(layers=kw.pop("layers", ["stem", REUSED, CAUSE, "head"]), figures=figures, **kw)
+    rec.set_findings(objs)
+    return rec
 
 
 @pytest.fixture
@@ -76,18 +82,9 @@ def save_dir(tmp_path: Path) -> Path:
     """A realistic save dir: 2 incidents, a timeline, versioned and overwrite figures, one ``_before``."""
     d = tmp_path / "probe"
     d.mkdir()
-    (d / "findings.jsonl").write_text("".join(json.dumps(f) + "\n" for f in FINDINGS))
-    (d / "summary.md").write_text(SUMMARY)
-    _png(d / "_all" / "timeline.png", 0, (320, 120))
-    cause = d / safe_name(CAUSE)
-    _png(cause / "activations.png", 1)
-    _png(cause / "activations_before.png", 2)
-    _png(cause / "gradients_step000010.png", 3)
-    _png(cause / "gradients_step000040.png", 4)
-    _png(d / safe_name(REUSED) / "activations.png", 5)
-    _png(d / safe_name("stem") / "activations.png", 6)
-    _png(d / safe_name("stem") / "histograms.png", 7)
-    _png(d / safe_name("head") / "gradcam.png", 8)
+    for k, row in enumerate(FIGURES):
+        _png(d / row["file"], k, (320, 120) if row["figure"] == "timeline" else (96, 64))
+    _record(FINDINGS, FIGURES, status="failed", never_ran=["block3.pool"]).save(d)
     return d
 
 
@@ -131,7 +128,7 @@ def test_before_and_after_side_by_side(save_dir: Path) -> None:
     pairs = re.findall(r'<div class="pair">(.*?)</div>', at, flags=re.S)
     assert len(pairs) == 2  # activations, gradients
     act, grad = pairs
-    assert "the last one before step 30" in act and "at/after the finding · latest" in act
+    assert "before · step 25" in act and "at/after the finding · step 40" in act  # the step each image shows
     assert "before · step 10" in grad and "at/after the finding · step 40" in grad  # versioned: picked by step
     assert act.index("before") < act.index("at/after")
 
@@ -147,59 +144,59 @@ def test_escaping_and_layer_dirs_mapped_back(save_dir: Path) -> None:
     assert f"<code>{safe_name(REUSED)}</code>" not in page
 
 
-def test_incidents_json_is_used_when_present(save_dir: Path) -> None:
-    (save_dir / "incidents.json").write_text(json.dumps([
-        {"id": 1, "kind": "nonfinite", "signal": "activation", "step": 30, "layer": CAUSE,
-         "layers": [CAUSE, "head", "block3.pool"], "count": 3},
-    ]))
+def test_incidents_come_from_the_record(save_dir: Path) -> None:
+    rec = read_record(save_dir)
+    rec.incidents = [i for i in rec.incidents if i["id"] == 1]  # what the run grouped is what the page shows
+    rec.save(save_dir)
     page = write_report(save_dir).read_text()
     incidents = page[page.index('id="incidents"'):page.index('id="findings"')]
     assert "Incidents (1)" in incidents and "layer1.0.relu#1" not in incidents and "#1 · nonfinite" in incidents
     assert "then reached 2 more layer(s)" in incidents and "3 finding(s)" in incidents
 
 
-@pytest.mark.parametrize("ids", ["absent", "ungrouped"])
-def test_no_incident_ids_each_finding_is_an_incident(save_dir: Path, ids: str) -> None:
-    rows = [{k: v for k, v in f.items() if k not in ("incident", "cause")} for f in FINDINGS]
-    if ids == "ungrouped":  # Finding.incident's default before grouping
-        rows = [{**r, "incident": -1, "cause": False} for r in rows]
-    (save_dir / "findings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    page = write_report(save_dir).read_text()
-    assert "Incidents (4)" in page and "<td class='num'>-1<" not in page
-    assert [int(n) for n in re.findall(r"</span>#(\d+) · ", page)] == [1, 2, 3, 4]
+def test_report_from_the_record_alone_in_a_fresh_directory(save_dir: Path, tmp_path: Path) -> None:
+    """`lit-probe report` on a copy: run.json and the PNGs it lists are all it reads (no summary.md)."""
+    fresh = tmp_path / "fresh"
+    shutil.copytree(save_dir, fresh)
+    assert not (fresh / "summary.md").exists() and not (fresh / "findings.jsonl").exists()
+    page = write_report(fresh).read_text()
+    assert "Incidents (2)" in page and len(_imgs(page)) == 9
 
 
-def test_failed_run_partial_files(tmp_path: Path) -> None:
+def test_killed_run_partial_files(tmp_path: Path) -> None:
     d = tmp_path / "probe"
     d.mkdir()
-    (d / "findings.jsonl").write_text(json.dumps(FINDINGS[1]) + "\n" + '{"step": 31, "lay')  # cut mid-write
+    # a run killed while drawing: its record says `running`; one indexed file never reached the disk
     _png(d / safe_name(CAUSE) / "activations.png", 1)
     (d / safe_name(CAUSE) / ".activations.png.x1y2.tmp").write_bytes(b"partial")
-    (d / "stem").mkdir()  # a layer directory with nothing in it yet
+    _record([FINDINGS[1]], [_fig(CAUSE, "activations", 30), _fig(CAUSE, "gradients", 30)], status="running").save(d)
     page = write_report(d).read_text()
-    assert "1 unreadable line(s)" in page and "no <code>summary.md</code>" in page
+    assert "had not ended" in page
     assert "No timeline" in page and "Incidents (1)" in page
     assert len(_imgs(page)) == 1
     # nothing at all
     empty = tmp_path / "empty"
     empty.mkdir()
-    (empty / "findings.jsonl").write_text("")
+    _record([], [], status="finished").save(empty)
     page = write_report(empty).read_text()
     assert "No findings: every probed layer stayed within the thresholds." in page
     assert "No layer figures" in page and not _imgs(page)
+    with pytest.raises(FileNotFoundError, match="run.json"):
+        write_report(tmp_path)  # not a save directory
 
 
 def test_many_layers_inline_only_the_first_and_the_findings(tmp_path: Path) -> None:
     d = tmp_path / "probe"
     n = MAX_INLINE_LAYERS + 5
     names = [f"blocks.{i}" for i in range(n)]
-    (d / "findings.jsonl").parent.mkdir()
-    (d / "findings.jsonl").write_text(json.dumps(_finding(3, names[-1], "gradient", "vanishing", 1e-9, 1e-7)) + "\n")
+    d.mkdir()
     tiny = io.BytesIO()
     Image.new("RGB", (2, 2), (10, 20, 30)).save(tiny, format="PNG")
     for name in names:
         (d / safe_name(name)).mkdir()
         (d / safe_name(name) / "activations.png").write_bytes(tiny.getvalue())
+    finding = _finding(3, names[-1], "gradient", "vanishing", 1e-9, 1e-7, incident=0, cause=True)
+    _record([finding], [_fig(n, "activations", 3) for n in names], layers=names).save(d)
     page = write_report(d).read_text()
     assert len(_imgs(page)) == MAX_INLINE_LAYERS + 1  # the layer with the finding, the first 200 others
     assert "listed by name only" in page
