@@ -14,8 +14,14 @@ Modules with ||W|| == 0 are not judged. Runs: every healthy ``ZOO`` entry as con
 hf_bert with SGD lr=0.01 momentum 0.9, and resnet18 (64x64, batch 8) with Adam 1e-3 or SGD 0.01 where
 ``layer3``'s parameters are in their own group with lr x0, x10, x100 (and x1 as the baseline).
 
-    PYTHONPATH=. python benchmarks/param_research.py                 # everything (~5-8 min on one core)
-    PYTHONPATH=. python benchmarks/param_research.py --models tv_vit,hf_bert --no-bugs --steps 10
+Run it from the repository root as a module (``tests.zoo`` is imported as a package path):
+
+    python -m benchmarks.param_research                 # everything (~5-8 min on one core)
+    python -m benchmarks.param_research --models tv_vit,hf_bert --sgd-models "" --no-bugs --steps 10
+    python -m benchmarks.param_research --out DIR --reuse --growth    # evaluate DIR's cached runs again
+
+The raw per-step arrays are pickled to ``<out>/param_research.pkl``; ``--out`` defaults to a fresh
+``tempfile.mkdtemp()`` (printed).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import itertools
 import math
 import pickle
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,8 +41,10 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests import zoo  # noqa: E402
+try:
+    from tests import zoo
+except ImportError as err:  # run as a script, or from another directory
+    raise SystemExit("run from the repository root: python -m benchmarks.param_research ...") from err
 
 A_CANDIDATES = (1e-3,)
 B_CANDIDATES = (10.0, 30.0, 100.0)
@@ -222,7 +231,7 @@ def collect(a: argparse.Namespace) -> tuple[dict[str, dict], dict[str, dict]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.param_research", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(zoo.ZOO))
     ap.add_argument("--sgd-models", default="resnet18,tv_vit,hf_bert", help="also run with SGD lr=0.01 m=0.9")
     ap.add_argument("--steps", type=int, default=25)
@@ -231,15 +240,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-bugs", action="store_true")
     ap.add_argument("--time-cap", type=float, default=60.0, help="seconds per run; longer runs are cut")
     ap.add_argument("--verbose", action="store_true", help="worst modules per model")
-    ap.add_argument("--cache", default="/tmp/param_research.pkl", help="raw per-step arrays are pickled here")
-    ap.add_argument("--reuse", action="store_true", help="evaluate the cached runs, do not train")
+    ap.add_argument("--out", default=None, help="directory of param_research.pkl, the raw per-step arrays "
+                                                "(default: a fresh temporary one)")
+    ap.add_argument("--reuse", action="store_true", help="evaluate the cached runs of --out, do not train")
     ap.add_argument("--growth", action="store_true",
                     help="append the weight-growth / cumulative-movement / group-relative section")
     a = ap.parse_args(argv)
+    if a.reuse and not a.out:
+        ap.error("--reuse evaluates cached runs: give their directory with --out DIR")
     torch.set_num_threads(1)
     t_all = time.perf_counter()
 
-    cache = Path(a.cache)
+    out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="param_research_"))
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "param_research.pkl"
     if a.reuse and cache.exists():
         with open(cache, "rb") as f:
             runs, bugs = pickle.load(f)

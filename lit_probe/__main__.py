@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report", help="write SAVE_DIR/report.html: one self-contained page of a run's findings and figures",
-        description="Write SAVE_DIR/report.html from what a probed run left in its save dir (findings.jsonl, "
-                    "summary.md, the figures): incidents and findings first, the health timeline, each finding's "
+        description="Write SAVE_DIR/report.html from the run record a probed run left in its save dir (run.json "
+                    "and the figures it lists): incidents and findings first, the health timeline, each finding's "
                     "figures before and after, every layer's latest figures. Images are inlined: the file opens "
                     "from disk, with no network access. Prints the report's path.")
     report.add_argument("save_dir", metavar="SAVE_DIR", type=Path,
@@ -201,13 +201,16 @@ def _demo_report(save_dir: Path) -> Optional[Path]:
 
 # ---------------------------------------------------------------------------------------------------- report
 def _report(args: argparse.Namespace) -> int:
+    from .record import RECORD_NAME
+
     save_dir: Path = args.save_dir
     if not save_dir.is_dir():
         what = "does not exist" if not save_dir.exists() else "is not a directory"
         return _error("report", f"SAVE_DIR {save_dir} {what}")
-    if not any((save_dir / n).exists() for n in ("findings.jsonl", "summary.md")) and \
-            (save_dir / "probe").is_dir():  # a demo's --out, or a trainer's default_root_dir
-        save_dir = save_dir / "probe"
+    if not (save_dir / RECORD_NAME).exists() and (save_dir / "probe" / RECORD_NAME).exists():
+        save_dir = save_dir / "probe"  # a demo's --out, or a trainer's default_root_dir
+    if not (save_dir / RECORD_NAME).exists():
+        return _error("report", f"no {RECORD_NAME} (the run record) in {save_dir}: not a lit-probe save directory")
     from .report import write_report
 
     try:

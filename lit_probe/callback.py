@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from .config import ProbeConfig
-from .findings import Finding, Incident
+from .findings import Finding, Incident, incidents_of
 from .mixin import declared_probe_points
 from .output import ProbeWarning
 from .run import ProbeRun
@@ -126,8 +126,12 @@ class ProbeCallback:
             return getattr(config, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def __getstate__(self) -> dict:  # ddp_spawn pickles the callback: never the per-process run
-        return {**self.__dict__, "run": None}
+    def __getstate__(self) -> dict:  # ddp_spawn pickles the callback: never the per-process run, only its results
+        kept = {k: getattr(self, k) for k in ("points", "findings", "skipped_steps")}
+        return {**self.__dict__, "run": None, "_kept": kept}
+
+    def _result(self, name: str) -> Any:
+        return getattr(self.run, name) if self.run is not None else list(self.__dict__.get("_kept", {}).get(name, []))
 
     # ------------------------------------------------------------------ read-outs (of the current or last run)
     @property
@@ -147,20 +151,20 @@ class ProbeCallback:
 
     @property
     def points(self) -> list[str]:
-        return self.run.points if self.run is not None else []
+        return self._result("points")
 
     @property
     def findings(self) -> list[Finding]:
         """Every finding so far, grouped into incidents (``incident``, ``cause``)."""
-        return self.run.findings if self.run is not None else []
+        return self._result("findings")
 
     @property
     def incidents(self) -> list[Incident]:
-        return self.run.incidents if self.run is not None else []
+        return incidents_of(self.findings)
 
     @property
     def skipped_steps(self) -> list[int]:
-        return self.run.skipped_steps if self.run is not None else []
+        return self._result("skipped_steps")
 
     # ------------------------------------------------------------------ fit
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:

@@ -452,7 +452,7 @@ def _fit_demo(out: Path, steps: int, bug: str, wandb: str, mode: str, seed: int,
 
     CSVLogger = pl.loggers.CSVLogger
 
-    from .callback import FeatureProbe
+    from .packages import FeatureProbe
 
     loggers: list = [CSVLogger(save_dir=str(out), name="csv")]
     try:

@@ -19,21 +19,25 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .findings import Finding, listed
+from .findings import KINDS, Finding, listed
 from .history import PARAM_STATS, Derived, nonfinite_flags
 from .selection import check_thresholds_keys
 from .errors import ProbeConfigError
 
-#: Streams with fewer units than this are not judged for dead units (a head with 1-3 outputs).
-MIN_UNITS = 4
-#: Streams with fewer units than this (but at least MIN_UNITS) are dead only when this fraction of them is: in a
-#: squeeze-excitation bottleneck of 8 units, 4 may be dead in a healthy model (RegNet, measured).
+#: Streams with fewer units than this (and at least ``Thresholds.dead_min_units``) are judged against
+#: ``Thresholds.dead_fraction_small`` instead of ``dead_fraction``.
 SMALL_UNITS = 16
+#: The default of ``Thresholds.dead_fraction_small``: in a squeeze-excitation bottleneck of 8 units, 4 may be dead
+#: in a healthy model (RegNet, measured).
 SMALL_DEAD_FRACTION = 0.9
+#: The default of ``Thresholds.dead_min_units``: a head with 1-3 outputs is not judged.
+MIN_UNITS = 4
 
 __all__ = ["Thresholds", "Diagnosis", "ParamModules", "diagnose", "alarm_bounds", "find_nonfinite",
            "find_exploding", "find_vanishing", "find_dead", "find_param_nonfinite", "find_not_learning",
            "find_lr_too_high"]
+
+_DEFAULT_DEAD_FRACTION = 0.5
 
 #: The update-ratio rules need at least this many modules with a measured ratio at a step (a median).
 MIN_PARAM_MODULES = 3
@@ -46,9 +50,14 @@ class Thresholds:
     Attributes:
         dead_fraction: a ReLU-like stream (ReLU, ReLU6, or a container returning one) is *dead* when at least
             this fraction of its units (channels of conv-like outputs, features of linear/sequence outputs)
-            was never positive over ``dead_window`` training steps; streams of fewer than 16 units need at least
-            0.9, streams of fewer than 4 are not judged. Other layers are not judged: a SiLU, GELU, identity or
-            linear output is negative without being dead. Default 0.5.
+            was never positive over ``dead_window`` training steps. Other layers are not judged: a SiLU, GELU,
+            identity or linear output is negative without being dead. Default 0.5.
+        dead_fraction_small: the same fraction for streams of ``dead_min_units`` to 15 units (a healthy RegNet
+            squeeze-excitation bottleneck has 4 of 8 units dead). Default 0.9 — but when ``dead_fraction`` is
+            overridden (``thresholds={"dead_fraction": 0.25}``) and this one is not, it follows
+            ``dead_fraction``: the fraction a user sets applies to every stream, small ones included. Set both to
+            judge small streams differently.
+        dead_min_units: streams of fewer units than this are not judged dead at all. Default 4.
         dead_window: the window, in training steps, over which a unit must fire at least once. Default 20.
         exploding_absmax: an activation or gradient whose largest absolute value exceeds this is
             *exploding*. Default 1e6.
@@ -76,7 +85,10 @@ class Thresholds:
         lr_group_window: measured steps in a row for the group rule. Default 3.
     """
 
-    dead_fraction: float = 0.5
+    dead_fraction: float = _DEFAULT_DEAD_FRACTION
+    #: ``None`` (not given) becomes a number at construction: 0.9, or ``dead_fraction`` when that is not 0.5
+    dead_fraction_small: float | None = None
+    dead_min_units: int = MIN_UNITS
     dead_window: int = 20
     exploding_absmax: float = 1e6
     exploding_growth: float = 1e3
@@ -91,11 +103,20 @@ class Thresholds:
     update_window: int = 5
     lr_group_window: int = 3
 
+    def __post_init__(self) -> None:
+        if self.dead_fraction_small is None:  # not given: follows an overridden dead_fraction
+            small = SMALL_DEAD_FRACTION if self.dead_fraction == _DEFAULT_DEAD_FRACTION else self.dead_fraction
+            object.__setattr__(self, "dead_fraction_small", small)
+
     @classmethod
     def from_dict(cls, overrides: Mapping[str, float] | None) -> "Thresholds":
-        """Defaults with ``overrides`` applied; unknown keys and out-of-range values raise."""
+        """Defaults with ``overrides`` applied; unknown keys and out-of-range values raise. A ``dead_fraction``
+        given without ``dead_fraction_small`` applies to small streams too (even when it equals the default)."""
         overrides = dict(overrides or {})
         check_thresholds_keys(overrides, [f.name for f in fields(cls)])
+        if "dead_fraction" in overrides and "dead_fraction_small" not in overrides:
+            overrides["dead_fraction_small"] = overrides["dead_fraction"]
+
         def coerce(k: str, v: object) -> object:  # 20.0 -> 20 for integer thresholds (YAML), never bools
             if isinstance(getattr(cls, k), int) and isinstance(v, float) and v.is_integer():
                 return int(v)
@@ -116,6 +137,8 @@ class Thresholds:
                 raise ProbeConfigError(f"Threshold {name!r}={v!r} is out of range {rng}.")
 
         num("dead_fraction", 0.0, 1.0)
+        num("dead_fraction_small", 0.0, 1.0)
+        num("dead_min_units", 1, lo_open=False, integer=True)
         num("dead_window", 1, lo_open=False, integer=True)
         num("exploding_absmax", 0.0)
         num("exploding_growth", 1.0)
@@ -249,7 +272,7 @@ def diagnose(state: Diagnosis, d: Derived, units: Mapping[int, np.ndarray] | Non
     for m, name in enumerate(params.names if params is not None else ()):
         for step in d.steps:
             position.setdefault((int(step), name, "parameter"), m)
-    rank = {"nonfinite": 0, "exploding": 1, "lr_too_high": 2, "vanishing": 3, "dead": 4, "not_learning": 5}
+    rank = {kind: k for k, kind in enumerate(KINDS)}  # the one order of kinds (findings.KINDS)
     signal_rank = {"activation": 0, "gradient": 1, "parameter": 2}
     return st, sorted(out, key=lambda f: (f.step, signal_rank.get(f.signal, 3),
                                           position.get((f.step, f.layer, f.signal), 1e9), rank.get(f.kind, 9)))
@@ -388,10 +411,12 @@ def find_vanishing(st: Diagnosis, d: Derived, i: int, streams: Streams,
 
 def find_dead(st: Diagnosis, step: int, units: Mapping[int, np.ndarray], first_seen: Mapping[int, int],
               streams: Streams, t: Thresholds) -> tuple[Diagnosis, list[Finding]]:
-    """ReLU-like units never positive over the window. Requires: the per-unit last-fired steps."""
+    """ReLU-like units never positive over the window: at least ``dead_fraction`` of them, or
+    ``dead_fraction_small`` in a stream of fewer than 16 units; streams of fewer than ``dead_min_units`` units are
+    not judged. Requires: the per-unit last-fired steps."""
     out = []
     for s, last in units.items():
-        if s >= len(streams.dead_judged) or not streams.dead_judged[s] or last.size < MIN_UNITS:
+        if s >= len(streams.dead_judged) or not streams.dead_judged[s] or last.size < t.dead_min_units:
             continue
         fs = first_seen.get(s, step)
         if step - fs + 1 < t.dead_window:
@@ -401,7 +426,8 @@ def find_dead(st: Diagnosis, step: int, units: Mapping[int, np.ndarray], first_s
         frac = float(dead.mean())
         st.dead_latest[s] = frac
         key = (s, "dead")
-        thr = max(t.dead_fraction, SMALL_DEAD_FRACTION) if last.size < SMALL_UNITS else t.dead_fraction
+        small = SMALL_DEAD_FRACTION if t.dead_fraction_small is None else t.dead_fraction_small
+        thr = small if last.size < SMALL_UNITS else t.dead_fraction
         if frac >= thr:
             if key not in st.active:
                 st.active.add(key)

@@ -10,8 +10,9 @@ Figures:
 
 * :func:`feature_grid` -- one sample's channels tiled into one image (``[C, H, W]``), or a heatmap for
   ``[C, L]`` / ``[rows, features]`` arrays. Requires: a float array. Preview: a square-ish mosaic with a
-  colour bar, dead channels framed and crossed in red; NaN, +Inf/-Inf and far outliers in their own colours,
-  named with their counts in a legend; the colour range comes from the finite, non-outlier values.
+  colour bar, dead units crossed out in red (tiles framed and crossed, heatmap rows / columns framed and
+  hatched); NaN, +Inf/-Inf and far outliers in their own colours, named with their counts in a legend; the
+  colour range comes from the finite, non-outlier values.
 * :func:`histogram` / :func:`histograms` -- value distributions with a log count axis; NaN, +Inf, -Inf
   and exact zeros are counted and printed beside the bins.
 * :func:`health_timeline` -- layers x steps heatmaps of activation RMS, gradient RMS and dead fraction on
@@ -32,11 +33,13 @@ import numpy as np
 from matplotlib import colors as mcolors
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
-from matplotlib.collections import LineCollection
+from matplotlib.collections import LineCollection, PatchCollection
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 __all__ = [
+    "DEAD_GID",
     "OUTLIER_GAP",
     "OUTLIER_MAX_FRACTION",
     "ColorScale",
@@ -69,6 +72,8 @@ _MAX_TILE_LABELS = 64
 OUTLIER_GAP = 1e4
 #: At most this fraction of a map's cells (and at least one) can be outliers; more is the map's real range.
 OUTLIER_MAX_FRACTION = 0.05
+#: The ``gid`` of the artist that marks dead units on a feature grid (crossed tiles, hatched rows / columns).
+DEAD_GID = "dead-units"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +108,7 @@ def _nonfinite_text(n_nan: int, n_pos: int, n_neg: int) -> str:
     return ", ".join(parts)
 
 
-def _fmt(x: float) -> str:
+def fmt(x: float) -> str:
     """Compact number formatting for titles and labels."""
     if not math.isfinite(x):
         return str(x)
@@ -421,7 +426,7 @@ def _special_legend(
         n_out = int(om.sum())
         if n_out:
             ext = float(data[om].max() if key == "high" else data[om].min())
-            parts.append(f"outliers far {word} the range: {n_out:,} (to {_fmt(ext)})")
+            parts.append(f"outliers far {word} the range: {n_out:,} (to {fmt(ext)})")
         if parts:
             handles.append(Patch(facecolor=palette[key][0], edgecolor="black", label=" · ".join(parts)))
     if n_dead:
@@ -467,12 +472,13 @@ def feature_grid(
         title: first title line; the caller puts layer, figure kind, step and what the data covers in it.
         diverging: gradient view: red-blue colour map centred at 0 with a symmetric range.
         vrange: fixed colour range (from a :class:`ColorScale`); symmetrised when ``diverging``.
-        dead: boolean mask over channels (``[C]``) or features: each dead one gets a red frame (and a red
-            cross for tiles).
+        dead: boolean mask over the units (``[C]`` channels or features, as many as the tensor has on its
+            unit axis; the first ``max_channels`` are shown): each dead one is crossed out in red -- a red frame
+            and cross on its tile, a red frame and hatch over its whole row or column of a heatmap.
         max_channels: cap on tiles (``[C, H, W]``) / channel rows (``[C, L]``) / feature columns.
-        channel_axis: for 2-D arrays, ``0`` when rows are channels (``[C, L]`` from a 1-D conv), ``1`` when
-            columns are features (``[samples or tokens, features]``). ``None``: rows when ``dead`` matches
-            only the first dimension, otherwise columns.
+        channel_axis: for 2-D arrays, the axis that holds the units: ``0`` when rows are channels (``[C, L]``
+            from a 1-D conv), ``1`` (also ``None``) when columns are features (``[samples or tokens,
+            features]``). The caller takes it from :func:`lit_probe.vocab.unit_dim`; it is never guessed.
         note: extra text for the subtitle (e.g. where ``vrange`` comes from).
 
     Returns:
@@ -503,10 +509,6 @@ def feature_grid(
         shown = arr.shape[0]
         kind = "tiles"
     else:
-        if channel_axis is None:
-            rows_match = dead_mask is not None and dead_mask.shape[0] == arr.shape[0]
-            cols_match = dead_mask is not None and dead_mask.shape[0] == arr.shape[1]
-            channel_axis = 0 if rows_match and not cols_match else 1
         channel_axis = 0 if channel_axis == 0 else 1
         c_total = arr.shape[channel_axis]
         arr = arr[:max_channels] if channel_axis == 0 else arr[:, :max_channels]
@@ -535,9 +537,9 @@ def feature_grid(
         info.append(f"showing {shown}/{c_total} {unit}")
     if note:
         info.append(note)
-    info.append(f"{range_note} [{_fmt(lo)}, {_fmt(hi)}]")
+    info.append(f"{range_note} [{fmt(lo)}, {fmt(hi)}]")
     if fr is not None:
-        info.append(f"data [{_fmt(fr[0])}, {_fmt(fr[1])}]")
+        info.append(f"data [{fmt(fr[0])}, {fmt(fr[1])}]")
     nf = _nonfinite_text(n_nan, n_pos, n_neg)
     if nf:
         info.append(f"non-finite: {nf}")
@@ -591,7 +593,7 @@ def feature_grid(
                 x0 = sep + q * step_w - 0.5
                 y0 = sep + r * step_h - 0.5
                 segs += _box_segments(x0, y0, x0 + w, y0 + h, cross=True)
-            ax.add_collection(LineCollection(segs, colors=_DEAD, linewidths=1.3))
+            ax.add_collection(LineCollection(segs, colors=_DEAD, linewidths=1.3, gid=DEAD_GID))
     else:
         ax.imshow(img, interpolation="nearest", aspect="auto")
         n_r, n_c = arr.shape
@@ -606,13 +608,11 @@ def feature_grid(
         ax.set_xlim(-0.5, n_c - 0.5)
         ax.set_ylim(n_r - 0.5, -0.5)
         if dead_mask is not None and dead_mask.any():
-            segs = []
-            for i in np.flatnonzero(dead_mask):
-                if kind == "rows":
-                    segs += _box_segments(-0.5, i - 0.5, n_c - 0.5, i + 0.5, cross=False)
-                else:
-                    segs += _box_segments(i - 0.5, -0.5, i + 0.5, n_r - 0.5, cross=False)
-            ax.add_collection(LineCollection(segs, colors=_DEAD, linewidths=1.3))
+            # each dead unit's whole row (channels) or column (features: every token of it) framed and hatched
+            boxes = [Rectangle((-0.5, i - 0.5), n_c, 1.0) if kind == "rows"
+                     else Rectangle((i - 0.5, -0.5), 1.0, n_r) for i in np.flatnonzero(dead_mask)]
+            ax.add_collection(PatchCollection(boxes, facecolors="none", edgecolors=_DEAD, linewidths=1.3,
+                                              hatch="xx", gid=DEAD_GID))
         ax.tick_params(labelsize=7)
 
     sm = ScalarMappable(norm=mcolors.Normalize(vmin=lo, vmax=hi), cmap=cmap)
@@ -672,10 +672,10 @@ def _draw_histogram(ax, values: np.ndarray, label: str, bins: int, color: str) -
     ]
     if finite.size:
         lines += [
-            f"min = {_fmt(float(finite.min()))}",
-            f"max = {_fmt(float(finite.max()))}",
-            f"mean = {_fmt(float(finite.mean()))}",
-            f"std = {_fmt(float(finite.std()))}",
+            f"min = {fmt(float(finite.min()))}",
+            f"max = {fmt(float(finite.max()))}",
+            f"mean = {fmt(float(finite.mean()))}",
+            f"std = {fmt(float(finite.std()))}",
         ]
     ax.text(
         1.02,
@@ -958,7 +958,7 @@ def health_timeline(
         width = (x1 - x0) / n_bins
         crowded = int(np.bincount(np.clip(((steps - x0) / width).astype(np.int64), 0, n_bins - 1)).max())
         if crowded > 1:
-            notes.append(f"columns: {n_bins} bins of {_fmt(width)} steps (up to {crowded} log steps each)")
+            notes.append(f"columns: {n_bins} bins of {fmt(width)} steps (up to {crowded} log steps each)")
     if notes:
         notes.append("grouped cells: geometric mean of RMS, max of dead fraction")
 

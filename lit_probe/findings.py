@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
-CALL_SEP = "#"  # vocab.CALL_SEP: a stream name is `<module path>#<call>`
+from .vocab import CALL_SEP
 
 __all__ = ["Finding", "Incident", "Severity", "KINDS", "ADVICE", "group_incidents", "incidents_of",
            "findings_to_markdown", "listed"]

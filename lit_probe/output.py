@@ -73,13 +73,8 @@ class ProbeOutput:
         the record is written (``status: running``), so that even a killed run leaves one."""
         if not self.is_zero or not self._writable():
             return
-        from .sinks import atomic_write_text
-
         self.record.set_findings(restored)
-        try:
-            atomic_write_text(self.out_dir / FINDINGS_NAME, "".join(f.to_json() + "\n" for f in restored))
-        except OSError as err:
-            self._disk_failed(err)
+        self._append_findings(restored, fresh=True)
         self._save_record()
 
     def _open_sinks(self) -> None:
@@ -136,10 +131,9 @@ class ProbeOutput:
             if len(new) > _MAX_WARNINGS_PER_FLUSH:
                 warnings.warn(f"lit_probe: {len(new) - _MAX_WARNINGS_PER_FLUSH} more finding(s) at step {step}; "
                               f"see findings.jsonl in {self.out_dir}.", ProbeWarning, stacklevel=3)
+        self._append_findings(new)
         if self._writable():
             try:
-                with open(self.out_dir / FINDINGS_NAME, "a", encoding="utf-8") as fh:
-                    fh.writelines(f.to_json() + "\n" for f in new)
                 if history_csv is not None:
                     from .sinks import atomic_write_text
 
@@ -282,6 +276,17 @@ class ProbeOutput:
         self._disk_ok = False
         self.say(f"lit_probe: cannot write to {self.out_dir} ({err}); findings stay in `probe.findings`.")
 
+    def _append_findings(self, findings: Sequence[Finding], fresh: bool = False) -> None:
+        """``findings.jsonl``, the one writer: a line per finding as it arrives (``fresh``: a new file, with the
+        findings restored from a checkpoint), so a killed run's file has every finding up to its last read."""
+        if not (findings or fresh) or not self._writable():
+            return
+        try:
+            with open(self.out_dir / FINDINGS_NAME, "w" if fresh else "a", encoding="utf-8") as fh:
+                fh.writelines(f.to_json() + "\n" for f in findings)
+        except OSError as err:
+            self._disk_failed(err)
+
     def _save_record(self) -> None:
         if self._writable():
             try:
@@ -290,15 +295,12 @@ class ProbeOutput:
                 self._disk_failed(err)
 
     def _write_final(self) -> None:
-        """``findings.jsonl`` (the rows of the record, in incident order), ``run.json``, ``summary.md``, then
-        ``report.html`` (each a view of the record)."""
+        """``run.json``, then its views ``summary.md`` and ``report.html``."""
         from .sinks import atomic_write_text
 
         if not self._writable():
             return
         try:
-            atomic_write_text(self.out_dir / FINDINGS_NAME, "".join(
-                f.to_json() + "\n" for f in self.record.finding_objects()))
             self.record.save(self.out_dir)
             atomic_write_text(self.out_dir / SUMMARY_NAME, self.record.summary_markdown())
         except OSError as err:

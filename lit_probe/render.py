@@ -1,28 +1,20 @@
-"""Drawing off the training process: snapshots go to a drawing process, PNGs come back and go to the sinks.
+"""The figure queue: snapshots go to a drawing process, PNGs come back and go to the sinks.
 
-* :class:`FigureRenderer` -- the orchestration the callback uses. Each ``submit_*`` call is one *job* (all
-  requested figure kinds of one layer at one step, the health timeline, or a Grad-CAM grid). Only numpy arrays
-  and a few small arguments make up a job. With ``backend="process"`` (the default) the jobs are drawn in a
-  separate Python process, started lazily on the first submit: matplotlib then never holds the training
-  process's GIL, so training steps run at full speed while figures are drawn. The training thread only copies
-  the snapshot and appends the job to a queue; two light daemon threads of the training process feed the child
-  (``lit-probe-render-send``) and take its PNGs back (``lit-probe-render``), calling
-  ``sink.write_png(layer, figure, png, step)`` on every sink -- sinks stay in the training process (a W&B run
-  cannot be used from another process). ``backend="thread"`` draws on one worker thread of the training
-  process instead (:class:`RenderWorker`); the process backend falls back to it, with one log warning, when no
-  process can be started (restricted environments).
-* :class:`RenderWorker` -- a bounded job queue and ONE non-daemon worker thread, started lazily on the
-  first :meth:`~RenderWorker.submit`; joined on :meth:`~RenderWorker.close`.
+:class:`FigureRenderer` is what the output layer uses. Each ``submit_*`` call is one *job*
+(:class:`~lit_probe.compose.Job`: all requested figure kinds of one layer at one step, the health timeline, a
+module's parameter histograms, or a Grad-CAM grid). Only numpy arrays and a few small arguments make up a job.
+The training thread only copies the snapshot and appends the job to the queue; the drawing happens elsewhere:
 
-How the child is started: ``sys.executable -c <bootstrap>`` through :mod:`subprocess` -- a fresh
-interpreter, like multiprocessing's "spawn" (never ``fork``: the training process has torch threads), but
-without re-running the user's ``__main__`` script in the child (multiprocessing's spawn does that, so a
-training script without an ``if __name__ == "__main__":`` guard would start a second training run). The
-bootstrap registers ``lit_probe`` as a bare namespace, so the child imports :mod:`lit_probe.render` and
-:mod:`lit_probe.figures` (numpy + matplotlib) and never torch or Lightning. Jobs and results travel as
-length-prefixed pickles over the child's stdin/stdout; the child's own prints go to stderr. The child
-ignores SIGINT (the training process decides), runs at a lower priority (``nice`` +5) and exits on a stop
-message, when its stdin closes or when its parent is gone.
+* ``backend="process"`` (the default): in a separate Python process (:mod:`lit_probe.drawing`), started lazily
+  on the first submit, so matplotlib never holds the training process's GIL. Two light daemon threads of the
+  training process feed the child (``lit-probe-render-send``) and take its PNGs back (``lit-probe-render``).
+* ``backend="thread"``, and the fallback when no process can be started (restricted environments; one log
+  warning) or the process keeps dying: one drawing thread of the training process (``lit-probe-render``),
+  started when there are jobs and ending when the queue is empty. It takes its jobs from the same queue.
+
+Either way ``sink.write_png(layer, figure, png, step)`` is called on every sink in the training process, on
+the ``lit-probe-render`` thread -- sinks stay in the training process (a W&B run cannot be used from another
+process).
 
 Bounded and accounted: at most ``max_queue`` jobs are accepted and not yet written to the sinks; a job
 refused because of that, cancelled by :meth:`FigureRenderer.close` when its time bound runs out, or whose
@@ -44,41 +36,24 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
 import os
-import pickle
-import sys
 import threading
 import time
 import traceback
-from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Sequence, Tuple
+from typing import Any, Sequence
 
 import numpy as np
 
-from lit_probe.figures import (
-    ColorScale,
-    _fmt,
-    feature_grid,
-    figure_to_png,
-    gradcam_grid,
-    health_timeline,
-    histograms,
-    robust_range,
-)
+from .compose import TIMELINE_LAYER, Drawer, Job, Result
+from .drawing import end_process, read_frame, start_child, write_frame
+from .figures import ColorScale
+from .vocab import FIGURE_KINDS
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-__all__ = ["BACKENDS", "FIGURE_KINDS", "SKIP_REASONS", "TIMELINE_LAYER", "FigureRenderer", "RenderWorker",
-           "SkippedFigure", "coverage_text"]
+__all__ = ["BACKENDS", "FIGURE_KINDS", "SKIP_REASONS", "TIMELINE_LAYER", "FigureRenderer", "SkippedFigure"]
 
 log = logging.getLogger(__name__)
 
-#: Figure kinds a :class:`FigureRenderer` can draw; also the figure names used in file names and W&B keys.
-FIGURE_KINDS: tuple[str, ...] = ("activations", "gradients", "histograms", "timeline", "parameters")
-#: The pseudo layer name the timeline figure is written under.
-TIMELINE_LAYER = "_all"
 #: Where figures are drawn: a separate process (default) or a thread of the training process.
 BACKENDS: tuple[str, ...] = ("process", "thread")
 #: Why a figure was not drawn (:attr:`SkippedFigure.reason`).
@@ -86,275 +61,8 @@ SKIP_REASONS: tuple[str, ...] = ("queue full", "fit end timeout", "error")
 _MAX_ERRORS = 100
 _MAX_SKIPPED = 10_000
 _MAX_CRASHES = 3  # unexpected deaths of the drawing process before the renderer draws in a thread
-_CHILD_NICE = 5
-#: (layer, figure, step, make): ``make()`` builds the figure (where the drawing happens).
-_Maker = Tuple[str, str, int, Callable[[], "Figure"]]
 
 
-class RenderWorker:
-    """A bounded queue served by one lazily started, non-daemon worker thread.
-
-    ``max_queue`` bounds the jobs accepted but not yet finished (queued plus the one running), so memory
-    held by pending snapshots is bounded too.
-
-    Attributes:
-        dropped: jobs refused because the queue was full, or discarded by a :meth:`close` that timed out.
-        completed: jobs that finished (successfully or not).
-        errors: one line per failed job (capped at 100 entries; ``error_count`` keeps counting).
-        error_count: total number of failed jobs.
-
-    Args:
-        max_queue: maximum number of accepted, unfinished jobs (>= 1).
-        name: the worker thread's name.
-
-    Raises:
-        ValueError: when ``max_queue < 1``.
-    """
-
-    def __init__(self, max_queue: int = 16, name: str = "lit-probe-render") -> None:
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        self.max_queue = int(max_queue)
-        self.name = name
-        self.dropped = 0
-        self.completed = 0
-        self.error_count = 0
-        self.errors: list[str] = []
-        self._init_runtime()
-
-    # -- runtime state (never pickled) ------------------------------------------------------------
-    def _init_runtime(self) -> None:
-        self._cond = threading.Condition()
-        self._jobs: collections.deque[Callable[[], None]] = collections.deque()
-        self._pending = 0
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        for key in ("_cond", "_jobs", "_pending", "_stopping", "_thread", "_pid"):
-            state.pop(key, None)
-        state["errors"] = list(self.errors)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._init_runtime()
-
-    # -- public API ------------------------------------------------------------------------------
-    @property
-    def alive(self) -> bool:
-        """Whether the worker thread is running."""
-        t = self._thread
-        return t is not None and t.is_alive()
-
-    @property
-    def pending(self) -> int:
-        """Jobs accepted and not yet finished."""
-        return self._pending
-
-    def submit(self, job: Callable[[], None], *, front: bool = False) -> bool:
-        """Queue ``job`` without blocking; start the worker thread if none runs.
-
-        Args:
-            job: a callable with no arguments, run once on the worker thread.
-            front: run it before every job still queued, and accept it even when the queue is full.
-
-        Returns:
-            ``True`` when accepted; ``False`` when the queue is full (``dropped`` is incremented).
-        """
-        if os.getpid() != self._pid:  # forked child: the parent's thread and lock are not ours
-            self._init_runtime()
-        with self._cond:
-            if self._pending >= self.max_queue and not front:
-                self.dropped += 1
-                return False
-            self._pending += 1
-            if front:
-                self._jobs.appendleft(job)
-            else:
-                self._jobs.append(job)
-            self._stopping = False
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=False)
-                self._thread.start()
-            self._cond.notify_all()
-        return True
-
-    def drain(self, timeout: float | None = 60.0) -> bool:
-        """Wait until every accepted job has finished.
-
-        Args:
-            timeout: seconds to wait at most; ``None`` waits forever.
-
-        Returns:
-            ``True`` when nothing is pending any more, ``False`` on timeout (or when called from a job).
-        """
-        if threading.current_thread() is self._thread:
-            return self._pending <= 1
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._pending > 0:
-                if self._thread is None or not self._thread.is_alive():
-                    # nobody will finish them (should not happen; e.g. after a fork): restart a worker
-                    if self._jobs:
-                        self._thread = threading.Thread(target=self._run, name=self.name, daemon=False)
-                        self._thread.start()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(remaining if remaining is None else min(remaining, 1.0))
-        return True
-
-    def close(self, timeout: float | None = 60.0) -> bool:
-        """Drain, stop and join the worker thread. Idempotent; a later :meth:`submit` starts a new thread.
-
-        Jobs still queued when ``timeout`` runs out are discarded and counted in ``dropped``.
-
-        Args:
-            timeout: seconds to wait for the jobs and then for the thread; ``None`` waits forever.
-
-        Returns:
-            ``True`` when no worker thread is left alive.
-        """
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("RenderWorker.close() called from its own worker thread")
-        start = time.monotonic()
-        self.drain(timeout)
-        with self._cond:
-            thread = self._thread
-            if self._jobs:
-                n = len(self._jobs)
-                self._jobs.clear()
-                self._pending -= n
-                self.dropped += n
-                self._cond.notify_all()
-            self._stopping = True
-            self._cond.notify_all()
-        if thread is not None:
-            remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start)) + 1.0
-            thread.join(remaining)
-            if thread.is_alive():
-                msg = f"render thread {self.name!r} did not stop within {timeout}s (a job is still running)"
-                self._record_error(msg, None)
-                return False
-        return True
-
-    # -- worker ----------------------------------------------------------------------------------
-    def _record_error(self, msg: str, exc: BaseException | None) -> None:
-        self.error_count += 1
-        if len(self.errors) < _MAX_ERRORS:
-            self.errors.append(msg)
-        if self.error_count == 1:
-            if exc is not None:
-                tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                log.warning("lit_probe: figure job failed (later ones only counted): %s\n%s", msg, tb)
-            else:
-                log.warning("lit_probe: %s", msg)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._jobs and not self._stopping:
-                    self._cond.wait()
-                if not self._jobs:
-                    # forget ourselves under the lock, so a submit() racing with our exit starts a new thread
-                    if self._thread is threading.current_thread():
-                        self._thread = None
-                    return
-                job = self._jobs.popleft()
-            try:
-                job()
-            except Exception as exc:  # a failing job must never kill the worker
-                name = getattr(job, "__qualname__", None) or type(job).__name__
-                self._record_error(f"{name}: {type(exc).__name__}: {exc}", exc)
-            finally:
-                job = None  # release snapshots before waiting for the next job
-                with self._cond:
-                    self._pending -= 1
-                    self.completed += 1
-                    self._cond.notify_all()
-
-
-# ---------------------------------------------------------------------------------------------------
-# what a figure covers
-# ---------------------------------------------------------------------------------------------------
-def _sample_view(arr: np.ndarray, layout: str) -> tuple[np.ndarray, int | None]:
-    """What the feature grid shows of a snapshot: the first sample, or all samples for ``[n, F]``.
-
-    Returns:
-        ``(values, channel_axis)`` for :func:`~lit_probe.figures.feature_grid`.
-    """
-    if arr.ndim == 1:
-        return arr[None, :], 1
-    if arr.ndim == 2:  # [n, F]: samples x features
-        return arr, 1
-    if arr.ndim == 3:
-        return (arr[0], 1) if layout == "channels_last" else (arr[0], 0)
-    return arr[0], None
-
-
-def _samples_text(n: int, total: int) -> str:
-    if n >= total:
-        return f"all {total} samples" if total > 1 else "1 sample of 1"
-    return f"{n} sample{'s' if n != 1 else ''} of {total}"
-
-
-def coverage_text(
-    snapshot_shape: Sequence[int],
-    shape: Sequence[int] | None,
-    layout: str = "auto",
-    *,
-    part: str = "all",
-    max_channels: int | None = None,
-) -> str:
-    """Say what part of the full tensor a figure shows, e.g. ``"first 64 of 512 channels, 1 sample of 32"``.
-
-    Args:
-        snapshot_shape: shape of the snapshot (:func:`~lit_probe.snapshots.snapshot_tensor`): ``[n, C, ...]``,
-            ``[n, F]`` or ``[n, T, F]``.
-        shape: the full tensor's shape (``None``: the snapshot is the whole tensor as far as we know).
-        layout: ``"channels_last"`` when the last dimension holds the features of a >= 3-D snapshot.
-        part: ``"all"`` (a histogram: every value of the snapshot) or ``"grid"`` (the feature grid: the first
-            sample, or all rows of an ``[n, F]`` snapshot, at most ``max_channels`` channels, the middle depth
-            slice of 5-D tensors).
-        max_channels: the grid's channel cap (``part="grid"``).
-
-    Returns:
-        One line, ending with the full tensor's shape in brackets.
-    """
-    snap = tuple(int(s) for s in snapshot_shape)
-    full = tuple(int(s) for s in shape) if shape is not None else snap
-    if len(snap) == 1:
-        snap = (1,) + snap
-    if len(full) == 1:
-        full = (1,) + full
-    tensor = "x".join(str(s) for s in (shape if shape is not None else snapshot_shape))
-    if len(full) != len(snap):
-        return f"snapshot {'x'.join(str(s) for s in snap)} of tensor {tensor}"
-    n, n_total = snap[0], full[0]
-    last = len(snap) == 2 or layout == "channels_last"
-    axis = len(snap) - 1 if last else 1
-    c, c_total = snap[axis], full[axis]
-    unit = "features" if last else "channels"
-    if part == "grid" and max_channels is not None:
-        c = min(c, int(max_channels))
-    c_txt = f"all {c_total} {unit}" if c >= c_total else f"first {c} of {c_total} {unit}"
-    parts = []
-    if part == "grid" and len(snap) > 2:
-        parts.append(f"first sample of {n_total}")
-    else:
-        parts.append(_samples_text(n, n_total))
-    parts.append(c_txt)
-    if part == "grid" and len(snap) > 4:
-        parts.append(f"middle slice of depth {snap[2]}")
-    return ", ".join(parts) + f" (tensor {tensor})"
-
-
-# ---------------------------------------------------------------------------------------------------
-# jobs and the drawing side (runs in the child process, or on the worker thread)
-# ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class SkippedFigure:
     """A figure that was not drawn.
@@ -375,249 +83,8 @@ class SkippedFigure:
     reason: str
 
 
-@dataclasses.dataclass
-class _Job:
-    """One unit of drawing: ``kind`` in ``{"layer", "timeline", "gradcam"}``, numpy/str/int ``args``."""
-
-    id: int
-    kind: str
-    args: tuple
-    figures: list[tuple[str, str, int]]  # (layer, figure, step) it should produce
-
-
-@dataclasses.dataclass
-class _Result:
-    """What drawing one job gave: PNGs, failures and the colour scales it touched."""
-
-    pngs: list[tuple[str, str, int, bytes]]
-    failures: list[tuple[str, str, int, str, str]]  # layer, figure, step, message, traceback
-    scales: dict[tuple[str, str], tuple[bool, float | None, float | None]]
-
-
-class _Drawer:
-    """Turns jobs into PNGs with matplotlib's Agg canvas; owns the colour scales of the side that draws.
-
-    Args:
-        dpi: PNG resolution.
-        bins: histogram bins.
-        max_channels: channel cap of the feature grids.
-        scales: the colour scales to use and update (shared with the renderer for the thread backend).
-    """
-
-    def __init__(self, dpi: int, bins: int, max_channels: int,
-                 scales: dict[tuple[str, str], ColorScale] | None = None) -> None:
-        self.dpi = int(dpi)
-        self.bins = int(bins)
-        self.max_channels = int(max_channels)
-        self.scales: dict[tuple[str, str], ColorScale] = {} if scales is None else scales
-        self._touched: set[tuple[str, str]] = set()
-
-    def run_safely(self, job: _Job) -> _Result:
-        """:meth:`run`, with a failure of the job itself reported as a failure of each of its figures."""
-        try:
-            return self.run(job)
-        except Exception as exc:
-            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            return _Result([], [(layer, fig, step, f"{job.kind} job: {type(exc).__name__}: {exc}", tb)
-                                for layer, fig, step in job.figures], {})
-
-    def run(self, job: _Job) -> _Result:
-        """Draw every figure of ``job``; a figure that raises is reported, the others are still drawn."""
-        self._touched = set()
-        pngs: list[tuple[str, str, int, bytes]] = []
-        failures: list[tuple[str, str, int, str, str]] = []
-        makers = {"layer": self._layer, "timeline": self._timeline, "gradcam": self._gradcam,
-                  "parameters": self._parameters}[job.kind]
-        for layer, figure, step, make in makers(*job.args):
-            try:
-                png = figure_to_png(make(), dpi=self.dpi)
-            except Exception as exc:
-                tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                failures.append((layer, figure, step, f"drawing {figure!r} of {layer!r}: "
-                                 f"{type(exc).__name__}: {exc}", tb))
-            else:
-                pngs.append((layer, figure, step, png))
-        scales = {k: (sc.symmetric, sc.lo, sc.hi) for k, sc in self.scales.items() if k in self._touched}
-        return _Result(pngs, failures, scales)
-
-    def _scale(self, layer: str, figure: str, symmetric: bool) -> ColorScale:
-        key = (layer, figure)
-        sc = self.scales.get(key)
-        if sc is None:
-            sc = self.scales[key] = ColorScale(symmetric=symmetric)
-        self._touched.add(key)
-        return sc
-
-    def _range(self, layer: str, figure: str, values: np.ndarray,
-               diverging: bool) -> tuple[tuple[float, float] | None, str | None]:
-        """The colour range of one image and a note on where it comes from.
-
-        The layer's scale, widened as needed (:meth:`ColorScale.range_for`); the data's own range when it is
-        far off that scale (an exploded or collapsed step: the scale is left as it was); a constant or all
-        non-finite map keeps the scale (or gets its own when there is none) and never moves it.
-        """
-        sc = self._scale(layer, figure, symmetric=diverging)
-        finite = values[np.isfinite(values)]
-        if finite.size == 0 or float(finite.min()) == float(finite.max()):
-            return sc.range, None
-        lo, hi = robust_range(values, diverging=diverging)
-        lo, hi, shared = sc.range_for(lo, hi)
-        if shared:
-            return (lo, hi), None
-        kept = sc.range
-        assert kept is not None
-        return (lo, hi), f"own range: far off this layer's scale [{_fmt(kept[0])}, {_fmt(kept[1])}]"
-
-    def _layer(self, step: int, layer: str, act: np.ndarray | None, grad: np.ndarray | None,
-               dead: np.ndarray | None, layout: str, shape: tuple[int, ...] | None,
-               kinds: list[str]) -> Iterator[_Maker]:
-        mc = self.max_channels
-
-        def grid(arr: np.ndarray, figure: str, diverging: bool) -> Figure:
-            view, axis = _sample_view(arr, layout)
-            cov = coverage_text(arr.shape, shape, layout, part="grid", max_channels=mc)
-            title = f"{layer} · {figure} · step {step} · {cov}"
-            vr, note = self._range(layer, figure, view, diverging)
-            return feature_grid(view, title=title, diverging=diverging, vrange=vr,
-                                dead=None if diverging else dead, max_channels=mc, channel_axis=axis,
-                                note=note)
-
-        if "activations" in kinds and act is not None:
-            yield layer, "activations", step, functools.partial(grid, act, "activations", False)
-        if "gradients" in kinds and grad is not None:
-            yield layer, "gradients", step, functools.partial(grid, grad, "gradients", True)
-        if "histograms" in kinds and (act is not None or grad is not None):
-            def hist() -> Figure:
-                panels = []
-                for name, arr in (("activation", act), ("gradient", grad)):
-                    if arr is not None:
-                        cov = coverage_text(arr.shape, shape, layout, part="all")
-                        panels.append((f"{name}: {cov} · {arr.size:,} values", arr))
-                return histograms(panels, title=f"{layer} · histograms · step {step}", bins=self.bins)
-
-            yield layer, "histograms", step, hist
-
-    def _timeline(self, step: int, layers: list[str], steps: np.ndarray, act_rms: np.ndarray,
-                  grad_rms: np.ndarray, dead_fraction: np.ndarray, findings: list[tuple]) -> Iterator[_Maker]:
-        title = f"layer health · {len(layers)} layers · up to step {step}"
-        yield TIMELINE_LAYER, "timeline", step, lambda: health_timeline(
-            layers, steps, act_rms, grad_rms, dead_fraction, findings, title=title)
-
-    def _parameters(self, step: int, layer: str, weights: np.ndarray, grads: np.ndarray | None,
-                    numel: int) -> Iterator[_Maker]:
-        def hist() -> Figure:
-            every = "" if weights.size >= numel else f" (every {-(-numel // max(weights.size, 1)):,}th)"
-            panels = [(f"weights: {weights.size:,} of {numel:,} values{every}", weights)]
-            if grads is not None:
-                panels.append((f"parameter gradients: {grads.size:,} of {numel:,} values{every}", grads))
-            return histograms(panels, title=f"{layer} · parameters · step {step}", bins=self.bins)
-
-        yield layer, "parameters", step, hist
-
-    def _gradcam(self, step: int, layer: str, overlays: np.ndarray, labels: list[str]) -> Iterator[_Maker]:
-        title = f"{layer} · Grad-CAM · step {step}"
-        yield layer, "gradcam", step, lambda: gradcam_grid(overlays, title=title, labels=labels)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the child process
-# ---------------------------------------------------------------------------------------------------
-def _write_frame(f: IO[bytes], obj: Any) -> None:
-    """Write one length-prefixed pickle and flush."""
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    f.write(len(data).to_bytes(8, "little"))
-    f.write(data)
-    f.flush()
-
-
-def _read_frame(f: IO[bytes]) -> Any:
-    """Read one length-prefixed pickle; ``None`` at end of stream."""
-    head = f.read(8)
-    if len(head) < 8:
-        return None
-    n = int.from_bytes(head, "little")
-    data = f.read(n)
-    if len(data) < n:
-        return None
-    return pickle.loads(data)
-
-
-def _watch_parent(parent: int) -> None:
-    """Exit the child when its parent is gone (its stdin may stay open in the parent's forked children)."""
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent:
-            os._exit(0)
-
-
-def _child_main(parent: int) -> None:
-    """Entry point of the drawing process: read jobs from stdin, write results to stdout, until "stop"."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
-    inp = sys.stdin.buffer
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints go to stderr, never into the protocol
-    try:
-        os.nice(_CHILD_NICE)
-    except (OSError, AttributeError):
-        pass
-    threading.Thread(target=_watch_parent, args=(parent,), name="lit-probe-watch", daemon=True).start()
-    try:
-        init = _read_frame(inp)
-        if init is None:
-            return
-        scales = {}
-        for key, (sym, lo, hi) in init.pop("scales", {}).items():
-            sc = ColorScale(symmetric=sym)
-            sc.lo, sc.hi = lo, hi
-            scales[key] = sc
-        drawer = _Drawer(scales=scales, **init)
-        _write_frame(out, ("ready", os.getpid()))
-        while True:
-            job = _read_frame(inp)
-            if job is None or job == "stop":
-                break
-            _write_frame(out, ("done", job.id, drawer.run_safely(job)))
-    except (BrokenPipeError, OSError):  # the parent went away
-        pass
-    finally:
-        try:
-            out.close()
-        except OSError:
-            pass
-
-
-_BOOTSTRAP = """\
-import sys, types
-sys.path[:0] = {paths!r}
-_pkg = types.ModuleType("lit_probe"); _pkg.__path__ = [{pkg!r}]; sys.modules["lit_probe"] = _pkg
-from lit_probe.render import _child_main
-_child_main({parent!r})
-"""
-
-
-def _child_command() -> list[str]:
-    """The command line of the drawing process (``sys.executable -c <bootstrap>``)."""
-    if not sys.executable:
-        raise RuntimeError("sys.executable is not set (embedded interpreter)")
-    pkg_dir = os.path.dirname(os.path.abspath(__file__))
-    paths = [p for p in sys.path if isinstance(p, str)]
-    return [sys.executable, "-c", _BOOTSTRAP.format(paths=paths, pkg=pkg_dir, parent=os.getpid())]
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # one thread per library in the child: drawing needs none, and the training process needs the cores
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
-    return env
-
-
-# ---------------------------------------------------------------------------------------------------
-# the renderer
-# ---------------------------------------------------------------------------------------------------
 _RUNTIME = ("_lock", "_cond", "_inflight", "_delivering", "_outbox", "_next_id", "_pid", "_proc", "_sender",
-            "_threads", "_stopping", "_child_ready", "_worker", "_local", "_active")
+            "_drawer", "_threads", "_stopping", "_child_ready", "_local", "_active")
 
 
 class FigureRenderer:
@@ -638,7 +105,7 @@ class FigureRenderer:
         dpi: PNG resolution (100 gives ~900 px wide grids).
         bins: histogram bins.
         backend: ``"process"`` (draw in a child process; falls back to ``"thread"`` with one warning when no
-            process can be started) or ``"thread"`` (one worker thread of this process).
+            process can be started) or ``"thread"`` (one drawing thread of this process).
 
     Raises:
         ValueError: for an unknown figure kind or backend, or a non-positive cap.
@@ -690,9 +157,9 @@ class FigureRenderer:
     def _init_runtime(self) -> None:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        self._inflight: dict[int, _Job] = {}
+        self._inflight: dict[int, Job] = {}
         self._delivering: set[int] = set()
-        self._outbox: collections.deque[_Job] = collections.deque()
+        self._outbox: collections.deque[Job] = collections.deque()  # not yet sent to the child / drawn
         self._next_id = 0
         self._pid = os.getpid()
         self._proc: Any = None
@@ -700,8 +167,8 @@ class FigureRenderer:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._child_ready = False
-        self._worker: RenderWorker | None = None
-        self._local: _Drawer | None = None
+        self._drawer: threading.Thread | None = None  # the drawing thread (thread backend, fallback)
+        self._local: Drawer | None = None
         self._active = "thread" if (self.backend == "thread" or self._fallback_reason) else "process"
 
     def __getstate__(self) -> dict[str, Any]:
@@ -744,8 +211,11 @@ class FigureRenderer:
             activation: :func:`~lit_probe.snapshots.snapshot_tensor` of the output: ``[n, C, H, W]``,
                 ``[n, C, L]``, ``[n, F]`` or ``[n, T, F]``; ``None`` to skip activation figures.
             gradient: the same for the gradient w.r.t. the output; ``None`` to skip gradient figures.
-            dead: boolean mask over channels/features of dead units, marked on the activation grid.
-            layout: the snapshot's layout (``"channels_last"`` makes a 3-D snapshot ``[n, T, F]``).
+            dead: boolean mask of the dead units, one per unit on the unit axis (``ProbeSession.dead_masks``),
+                crossed out on the activation grid.
+            layout: the snapshot's unit layout; :func:`lit_probe.vocab.unit_dim` says which dimension holds
+                the units (a 3-D ``"auto"`` or ``"channels_last"`` snapshot is ``[n, T, F]``,
+                ``"channels_first"`` ``[n, C, L]``).
             shape: the full tensor's shape: titles say which part of it a figure shows.
 
         Returns:
@@ -857,18 +327,15 @@ class FigureRenderer:
                 self.dropped += 1
                 self._skip_locked(figures, "queue full")
                 return False
-            job = _Job(self._next_id, kind, args, figures)
+            job = Job(self._next_id, kind, args, figures)
             self._next_id += 1
             self._inflight[job.id] = job
-            if self._active == "process":
-                if urgent:
-                    self._outbox.appendleft(job)
-                else:
-                    self._outbox.append(job)
-                self._ensure_sender_locked()
-                self._cond.notify_all()
-                return True
-        self._thread_submit(job, front=urgent)
+            if urgent:
+                self._outbox.appendleft(job)
+            else:
+                self._outbox.append(job)
+            self._ensure_thread_locked()
+            self._cond.notify_all()
         return True
 
     # -- waiting and closing ---------------------------------------------------------------------
@@ -889,11 +356,7 @@ class FigureRenderer:
         return None if proc is None else int(proc.pid)
 
     def _own_thread(self) -> bool:
-        cur = threading.current_thread()
-        if cur in self._threads:
-            return True
-        w = self._worker
-        return w is not None and w._thread is cur
+        return threading.current_thread() in self._threads
 
     def drain(self, timeout: float | None = 60.0) -> bool:
         """Wait until every accepted job is drawn and written to the sinks.
@@ -957,30 +420,25 @@ class FigureRenderer:
             log.warning("lit_probe: %d figure(s) of %d job(s) not drawn: still queued after %.1f s at close",
                         n_fig, len(cancelled), time.monotonic() - start)
             if proc is not None:
-                _end_process(proc, grace=0.0)
+                end_process(proc, grace=0.0)
         ok = True
         if sender is not None:
             sender.join(remaining(1.0))
         with self._lock:
             proc = self._proc
         if proc is not None:
-            _end_process(proc, grace=min(remaining(0.2) or 2.0, 2.0))
+            end_process(proc, grace=min(remaining(0.2) or 2.0, 2.0))
         for t in list(self._threads):
             t.join(remaining(1.0))
             if t.is_alive():
                 ok = False
                 self._record_error(f"render thread {t.name!r} did not stop within {timeout}s "
                                    "(a sink is busy)", None)
-        worker = self._worker
-        if worker is not None:
-            if not worker.close(remaining(0.5)):
-                ok = False
-                for e in worker.errors:
-                    self._record_error(e, None)
         with self._lock:
             self._threads = [t for t in self._threads if t.is_alive()]
             self._proc = None
             self._sender = None
+            self._drawer = None
             self._stopping = False
             self._child_ready = False
             self._delivering.clear()
@@ -1064,7 +522,7 @@ class FigureRenderer:
             else:
                 log.warning("lit_probe: %s", msg)
 
-    # -- delivery (lit-probe-render thread, or the worker thread) -----------------------------------
+    # -- delivery (the lit-probe-render thread) ---------------------------------------------------
     def _emit(self, layer: str, figure: str, png: bytes, step: int) -> None:
         for sink in self.sinks:
             try:
@@ -1073,7 +531,7 @@ class FigureRenderer:
                 msg = f"{type(sink).__name__}.write_png({layer!r}, {figure!r}): {type(exc).__name__}: {exc}"
                 self._record_error(msg, exc)
 
-    def _complete(self, job_id: int, result: _Result) -> None:
+    def _complete(self, job_id: int, result: Result) -> None:
         """Write a finished job's PNGs to the sinks, record its failures, retire it."""
         with self._lock:
             job = self._inflight.get(job_id)
@@ -1099,44 +557,58 @@ class FigureRenderer:
                 self.completed += 1
                 self._cond.notify_all()
 
-    # -- thread backend ----------------------------------------------------------------------------
-    def _thread_submit(self, job: _Job, front: bool = False) -> None:
-        with self._lock:
-            if self._worker is None:
-                self._worker = RenderWorker(max_queue=2 * self.max_queue + 2, name="lit-probe-render")
-            worker = self._worker
-        # refusal cannot happen in practice: the jobs in flight are bounded by max_queue already
-        if not worker.submit(functools.partial(self._run_here, job.id), front=front):
-            with self._cond:
-                if self._inflight.pop(job.id, None) is not None:
-                    self.dropped += 1
-                    self._skip_locked(job.figures, "queue full")
-                self._cond.notify_all()
+    # -- where the queue goes -----------------------------------------------------------------------
+    def _ensure_thread_locked(self) -> None:
+        """Start the thread that empties the outbox (the sender to the child, or the drawing thread) if none
+        runs (caller holds the lock)."""
+        if self._active == "process":
+            self._ensure_sender_locked()
+            return
+        t = self._drawer
+        if t is None or not t.is_alive():
+            self._stopping = False
+            self._threads = [x for x in self._threads if x.is_alive()]
+            t = threading.Thread(target=self._draw_loop, name="lit-probe-render", daemon=False)
+            self._drawer = t
+            self._threads.append(t)
+            t.start()
 
-    def _run_here(self, job_id: int) -> None:
-        with self._lock:
-            job = self._inflight.get(job_id)
-            if job is None:  # cancelled
-                return
-            if self._local is None:
-                self._local = _Drawer(self.dpi, self.bins, self.max_channels, scales=self._scales)
-            drawer = self._local
-        result = drawer.run_safely(job)
-        result.scales = {}  # the thread backend draws with self._scales itself
-        self._complete(job_id, result)
+    # -- thread backend ----------------------------------------------------------------------------
+    def _draw_loop(self) -> None:
+        """Draw the outbox's jobs in this process until it is empty (then the thread ends)."""
+        me = threading.current_thread()
+        while True:
+            with self._cond:
+                job = self._outbox.popleft() if self._outbox and not self._stopping else None
+                if job is None:
+                    if self._drawer is me:  # under the lock: a racing submit starts a new thread
+                        self._drawer = None
+                    self._cond.notify_all()
+                    return
+                if self._local is None:
+                    self._local = Drawer(self.dpi, self.bins, self.max_channels, scales=self._scales)
+                drawer = self._local
+            job_id = job.id
+            result = drawer.run_safely(job)
+            result.scales = {}  # drawn with self._scales itself
+            job = None  # release the snapshots before waiting for the next job
+            self._complete(job_id, result)
 
     def _fall_back_locked(self, reason: str) -> None:
-        """Draw in a thread from now on; hand the jobs not yet drawn to it (caller holds the lock)."""
+        """Draw in a thread from now on; the jobs not yet drawn go to it, those the child had first (caller
+        holds the lock)."""
         first = self._fallback_reason is None
         self._fallback_reason = reason
         self._active = "thread"
-        self._outbox.clear()
         if first:
             log.warning("lit_probe: could not start the drawing process (%s); figures are drawn in a thread "
                         "of the training process instead, which slows training steps while it draws", reason)
-        for jid in sorted(self._inflight):
-            if jid not in self._delivering:
-                self._thread_submit(self._inflight[jid])
+        queued = {j.id for j in self._outbox}
+        handed = [self._inflight[jid] for jid in sorted(self._inflight)
+                  if jid not in self._delivering and jid not in queued]
+        self._outbox.extendleft(reversed(handed))
+        if self._outbox:
+            self._ensure_thread_locked()
 
     # -- process backend ---------------------------------------------------------------------------
     def _ensure_sender_locked(self) -> None:
@@ -1149,25 +621,19 @@ class FigureRenderer:
             self._threads.append(t)
             t.start()
 
-    def _start_child(self) -> Any:
-        import subprocess
-
-        return subprocess.Popen(_child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                env=_child_env(), close_fds=True)
-
     def _send_loop(self) -> None:
         me = threading.current_thread()
         proc = None
         try:
             try:
-                proc = self._start_child()
+                proc = start_child()
             except Exception as exc:
                 with self._lock:
                     self._fall_back_locked(f"{type(exc).__name__}: {exc}")
                 return
             with self._lock:
                 if self._proc is not None and self._proc is not proc:  # pragma: no cover - defensive
-                    _end_process(self._proc, grace=0.0)
+                    end_process(self._proc, grace=0.0)
                 self._proc = proc
                 self._child_ready = False
                 init = {"dpi": self.dpi, "bins": self.bins, "max_channels": self.max_channels,
@@ -1176,7 +642,7 @@ class FigureRenderer:
                                         daemon=True)
                 self._threads.append(recv)
             recv.start()
-            _write_frame(proc.stdin, init)
+            write_frame(proc.stdin, init)
             while True:
                 with self._cond:
                     while not self._outbox and not self._stopping and self._proc is proc:
@@ -1184,8 +650,8 @@ class FigureRenderer:
                     job = self._outbox.popleft() if self._outbox and self._proc is proc else None
                 if job is None:
                     break
-                _write_frame(proc.stdin, job)
-            _write_frame(proc.stdin, "stop")
+                write_frame(proc.stdin, job)
+            write_frame(proc.stdin, "stop")
         except (OSError, ValueError):  # broken pipe: the child died; the receiver reports it
             pass
         finally:
@@ -1206,7 +672,7 @@ class FigureRenderer:
         ready = False
         try:
             while True:
-                msg = _read_frame(proc.stdout)
+                msg = read_frame(proc.stdout)
                 if msg is None:
                     break
                 if msg[0] == "ready":
@@ -1226,7 +692,7 @@ class FigureRenderer:
 
     def _child_gone(self, proc: Any, ready: bool) -> None:
         """The child's output ended: reap it; if that was not asked for, account for the jobs it had."""
-        _end_process(proc, grace=2.0)
+        end_process(proc, grace=2.0)
         rc = proc.returncode
         with self._cond:
             if self._proc is proc:
@@ -1251,12 +717,6 @@ class FigureRenderer:
                 self._fall_back_locked(f"it died {crashes} times")
             self._cond.notify_all()
 
-    # -- compatibility -----------------------------------------------------------------------------
-    @property
-    def worker(self) -> RenderWorker | None:
-        """The :class:`RenderWorker` of the thread backend (``None`` while drawing in a process)."""
-        return self._worker
-
 
 def _copy_scale(sc: ColorScale) -> ColorScale:
     out = ColorScale(symmetric=sc.symmetric)
@@ -1268,21 +728,3 @@ def _count(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
-def _end_process(proc: Any, grace: float) -> None:
-    """Wait ``grace`` seconds for ``proc`` to exit, then terminate, then kill; always reap it."""
-    import subprocess
-
-    if grace > 0:
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    if proc.poll() is None:
-        try:
-            proc.terminate()
-            proc.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        except OSError:
-            pass

@@ -37,6 +37,7 @@ from urllib.parse import quote
 from .findings import ADVICE, KINDS
 from .record import RunRecord, read_record
 from .sinks import atomic_write_text, safe_name
+from .vocab import TIMELINE_LAYER
 
 __all__ = ["write_report", "REPORT_NAME", "MAX_INLINE_LAYERS"]
 
@@ -47,7 +48,6 @@ MAX_INLINE_LAYERS = 200
 #: Figures larger than this are linked (relative path), not inlined.
 MAX_INLINE_BYTES = 8 * 1024 * 1024
 
-_TIMELINE_LAYER = "_all"  # the layer name of the health timeline in the figure index (render.TIMELINE_LAYER)
 _FIGURE_ORDER = ("activations", "gradients", "histograms", "gradcam", "parameters")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CODE_SPAN = re.compile(r"`([^`]+)`")
@@ -361,7 +361,7 @@ def _build(save_dir: Path, record: RunRecord, title: Optional[str]) -> str:
     incidents = _incidents(record)
     order = {n: i for i, n in enumerate(record.stream_order())}
     layer_figs = _figures(save_dir, record)
-    tl = layer_figs.pop(_TIMELINE_LAYER, {}).get("timeline")
+    tl = layer_figs.pop(TIMELINE_LAYER, {}).get("timeline")
     timeline = tl.latest() if tl else None
     # execution order: a stream's place, a module's place is its first stream's
     layers = sorted(layer_figs, key=lambda n: (order.get(n, len(order)), _natural(n)))

@@ -134,6 +134,11 @@ class ProbeRun:
         return self._record
 
     @property
+    def validation_session(self) -> Optional[ProbeSession]:
+        """The session of validation's activation statistics (with ``probe_validation``), else ``None``."""
+        return self._val
+
+    @property
     def is_open(self) -> bool:
         return self.session is not None and not self._closed
 
@@ -426,9 +431,8 @@ class ProbeRun:
         s = self.session
         if s is None:
             return []
-        return [{"name": n, "module": s.names[s.slot_module[k]], "call": s.slot_call[k],
-                 "signal": s.slot_signals[k], "layout": s.layouts[s.slot_module[k]]}
-                for k, n in enumerate(s.slot_names)]
+        return [{"name": s.slot_names[k], "module": s.names[s.slot_module[k]], "call": s.slot_call[k],
+                 "signal": s.slot_signals[k], "layout": s.layouts[s.slot_module[k]]} for k in s.execution_order()]
 
     def _read_scale(self) -> Any:
         return self._scale() if self._scale is not None else None

@@ -30,7 +30,7 @@ from .findings import Finding
 from .history import PARAM_STATS, History, derive
 from .hooks import HookRegistry, iter_tensors, warn_once
 from .selection import resolve
-from .snapshots import device_part, snapshot_tensor
+from .snapshots import device_part, snapshot_tensor, to_host
 from .stats import StatBuffer, merge_ranks, pack_rows
 from .vocab import ACTIVATION, GRADIENT, MAX_CALLS, PARAMETER, is_relu_like, stream_name, unit_dim, unit_layouts
 
@@ -149,6 +149,7 @@ class ProbeSession:
         self.capture_samples = 1
         self.capture_channels = 64
         self._dead_log: dict[int, list[tuple[int, float]]] = {}
+        self._seen_order: dict[int, int] = {}  # slot -> place in execution order (first step it was seen in)
         self._calls = np.zeros(n, dtype=np.int64)  # calls of each module in the current batch
         self._recalls = np.zeros(n, dtype=np.int64)  # ... and in its recomputation (activation checkpointing)
         self._grad_hooks_this_step = np.zeros(n, dtype=np.int64)
@@ -216,10 +217,6 @@ class ProbeSession:
         if self.params is not None:
             self.params.release()
 
-    @property
-    def is_open(self) -> bool:
-        return self.registry.attached
-
     def __enter__(self) -> "ProbeSession":
         return self.open()
 
@@ -266,8 +263,6 @@ class ProbeSession:
     def record_scale(self, scale: Any, end: bool) -> None:
         """The GradScaler scale in force (start of step) or after its update (end of step)."""
         if self.want_grad:
-            if isinstance(scale, torch.Tensor) and self.buffer._buf is None:
-                self.buffer._alloc(scale.device)  # no hook has observed yet (first step): keep the scale
             self.buffer.record_scale(scale, end)
 
     def sentinel_alarm(self, bound: float) -> int | None:
@@ -418,6 +413,9 @@ class ProbeSession:
                                        self.slot_signals, self.dead_judged, self.thresholds, pm)
         self.findings.extend(new)
         self.units = units
+        for row in d.order:  # forward order for activations, then backward order for gradients
+            for slot in row:
+                self._seen_order.setdefault(int(slot), len(self._seen_order))
         self._alarm_bounds = alarm_bounds(self.diagnosis, self.thresholds, len(self.slot_names))
         step = int(host.steps[-1])
         for slot, frac in self.diagnosis.dead_latest.items():
@@ -467,11 +465,13 @@ class ProbeSession:
     def _snapshots(self, capture: Mapping[int, tuple[Any, tuple[int, ...]]], step: int,
                    device: bool = False) -> list[LayerSnapshot]:
         """One :class:`LayerSnapshot` per stream pair of ``capture`` (slot -> (array, full shape)); ``device``:
-        the arrays are :func:`~lit_probe.snapshots.device_part` copies, turned into host arrays here."""
+        the arrays are :func:`~lit_probe.snapshots.device_part` copies (already sliced), turned into host arrays
+        here."""
+
         def host(entry: Any) -> np.ndarray | None:
             if entry is None or entry[0] is None:
                 return None
-            return snapshot_tensor(entry[0], self.capture_samples, self.capture_channels) if device else entry[0]
+            return to_host(entry[0]) if device else entry[0]
 
         dead = self.dead_masks()
         out = []
@@ -513,9 +513,10 @@ class ProbeSession:
             return None
         steps, values = steps[keep], values[keep]
         rms = values[:, :, STATS.index("rms")]
-        pairs = [(slot, self._slots.get((i, call, SIGNAL_GRAD)))
+        pairs = sorted(((slot, self._slots.get((i, call, SIGNAL_GRAD)))
                  for (i, call, signal), slot in sorted(self._slots.items(), key=lambda kv: kv[1])
-                 if signal == SIGNAL_ACT and (self.fired[i] or not len(self.modules))]
+                 if signal == SIGNAL_ACT and (self.fired[i] or not len(self.modules))),
+                       key=lambda pair: self.execution_rank(pair[0]))  # a second call beside its module
         names = [self.slot_names[a] for a, _ in pairs]
         width = rms.shape[1]
 
@@ -531,6 +532,15 @@ class ProbeSession:
         marks = [(f.layer, f.step, f.kind, f.signal) for f in (self.findings if findings is None else findings)
                  if f.signal != PARAMETER]  # the timeline's panels are activations, gradients and dead units
         return Timeline(names, steps, act, grad, dead, marks)
+
+    def execution_rank(self, slot: int) -> tuple[int, int]:
+        """Sort key of a slot in execution order: the order its stream first ran (streams never read yet last,
+        in slot order)."""
+        return (self._seen_order.get(slot, len(self._seen_order) + slot), slot)
+
+    def execution_order(self) -> list[int]:
+        """Every slot, in execution order (forward activations, then backward gradients, as first seen)."""
+        return sorted(range(len(self.slot_names)), key=self.execution_rank)
 
     def never_fired(self) -> list[str]:
         """Probed layers whose forward hook never ran while collecting (bypassed, compiled away, unused)."""

@@ -58,15 +58,6 @@ _FLOATS = (torch.float32, torch.float64)
 COUNT_CAP = 65536
 
 
-def channel_dim_for(ndim: int, conv_like: bool) -> int:
-    """The dimension that holds units: 1 for conv-like outputs ([N, C, ...]), else the last one."""
-    if ndim <= 1:
-        return 0
-    if ndim >= 4 or (ndim == 3 and conv_like):
-        return 1
-    return ndim - 1
-
-
 @dataclass
 class HostRows:
     """What the host knows of some step rows, after one device-to-host copy.
@@ -271,7 +262,8 @@ class StatBuffer:
 
     # ------------------------------------------------------------------ hot path
     def observe(self, slot: int, t: torch.Tensor, full: bool, channel_dim: int | None = None) -> None:
-        """Reduce ``t`` into the current row. ``channel_dim`` set: also track per-unit activity."""
+        """Reduce ``t`` into the current row. ``channel_dim`` set: also track per-unit activity on that dimension
+        (the caller asks :func:`lit_probe.vocab.unit_dim`, the one owner of the unit axis)."""
         if self._buf is None:
             self._alloc(t.device)
         if not self._pending:
@@ -354,7 +346,10 @@ class StatBuffer:
         np.add.at(self.pmeasured[self.row, :, column], host_modules, 1)
 
     def record_scale(self, scale: torch.Tensor | float | None, end: bool) -> None:
-        """Record the loss scale in force (GradScaler) for the current step (device copy, no sync)."""
+        """Record the loss scale in force (GradScaler) for the current step (device copy, no sync). Before any
+        hook has observed (the first step) the buffers are made on the scale's device, so the scale is kept."""
+        if isinstance(scale, torch.Tensor) and self._buf is None:
+            self._alloc(scale.device)
         if self._scale is None or not self._pending or scale is None:
             return
         self._scale[self.row, int(end)].copy_(scale if isinstance(scale, torch.Tensor) else torch.tensor(scale),

@@ -4,19 +4,27 @@
 The words every stage shares, defined once: signals, streams (one module call, one signal), figure kinds,
 statistic names, metric keys, and "which dimension of an output holds the units".
 
-Stats, detectors, figures and reports import these; none of them guesses on its own. This module imports
-only torch's ``nn`` (for module types).
+Stats, detectors, figures, the flight recorder and reports import these; none of them guesses on its own.
+In particular :func:`unit_dim` is the ONE place that says which dimension of an output holds its units: the
+statistics' per-unit windows (dead units), the figure snapshots, the dead marks on the figures and the titles
+all ask it. Importing this module imports nothing but the standard library: the drawing process (which
+never imports torch) uses :func:`unit_dim` too; torch's ``nn`` is imported on the first call that needs
+module types.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
-    "ACTIVATION", "GRADIENT", "PARAMETER", "SIGNALS", "FIGURE_KINDS", "LOGGED_STATS", "CALL_SEP", "MAX_CALLS",
-    "stream_name", "split_stream", "metric_key", "layout_for_module", "unit_layouts", "unit_dim",
+    "ACTIVATION", "GRADIENT", "PARAMETER", "SIGNALS", "FIGURE_KINDS", "TIMELINE_LAYER", "LOGGED_STATS", "CALL_SEP",
+    "MAX_CALLS",
+    "LAYOUTS", "stream_name", "metric_key", "layout_for_module", "unit_layouts", "unit_dim", "unit_count",
     "is_relu_like",
 ]
 
@@ -28,6 +36,8 @@ GRADIENT = "gradient"
 PARAMETER = "parameter"
 SIGNALS = (ACTIVATION, GRADIENT, PARAMETER)
 
+#: The "layer" of figures of the whole model (the health timeline): its directory and its rows in the figure index.
+TIMELINE_LAYER = "_all"
 #: Figure kinds ``FeatureProbe(figures=...)`` accepts; also file names (``<layer>/<kind>.png``) and W&B keys.
 FIGURE_KINDS = ("activations", "gradients", "histograms", "timeline", "parameters")
 
@@ -49,31 +59,38 @@ def stream_name(path: str, call: int) -> str:
     return path if call == 0 else f"{path}{CALL_SEP}{call}"
 
 
-def split_stream(name: str) -> tuple[str, int]:
-    """``"layer1.0.relu#1"`` -> ``("layer1.0.relu", 1)``; a plain path is call 0."""
-    path, sep, call = name.rpartition(CALL_SEP)
-    if sep and call.isdigit():
-        return path, int(call)
-    return name, 0
-
-
 def metric_key(stream: str, signal: str, stat: str) -> str:
     """The logger key (without the ``probe/`` prefix) of one statistic of one stream."""
     return f"{stream}/{_PREFIX[signal]}_{stat}"
 
 
 # ---------------------------------------------------------------------------------------------------- units
-_CHANNELS_FIRST: tuple[type, ...] = (
-    nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm, nn.LocalResponseNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
-)
-_CHANNELS_LAST: tuple[type, ...] = (
-    nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention,
-    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
-    nn.RNNBase,
-) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+#: Where a module's output keeps its units (:func:`layout_for_module`, :func:`unit_dim`).
+LAYOUTS = ("auto", "channels_first", "channels_last")
+
+
+@functools.cache
+def _module_types() -> tuple[type, tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """``(nn.Module, channels-first types, channels-last types, ReLU-like types)``, on first use."""
+    from torch import nn
+
+    first: tuple[type, ...] = (
+        nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+        nn.GroupNorm, nn.LocalResponseNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+        nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.Dropout1d, nn.Dropout2d,
+        nn.Dropout3d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
+    )
+    last: tuple[type, ...] = (
+        nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention,
+        nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
+        nn.RNNBase,
+    ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+    # Activations whose output is never positive exactly when the unit passes no gradient: "dead" means
+    # "never positive over the window" only for these.
+    relu_like: tuple[type, ...] = (nn.ReLU, nn.ReLU6)
+    return nn.Module, first, last, relu_like
+
+
 # classes outside torch.nn, matched by name (transformers' Conv1D is a Linear with transposed weights)
 _CHANNELS_LAST_NAMES = ("Conv1D", "Linear", "LayerNorm", "RMSNorm", "Attention", "Embedding")
 _CHANNELS_FIRST_NAMES = ("Conv2d", "Conv1d", "Conv3d", "BatchNorm", "GroupNorm")
@@ -88,12 +105,13 @@ def layout_for_module(module: object) -> str:
         attention, RNNs) or ``"auto"`` (element-wise activations, containers, custom blocks): decided by
         :func:`unit_layouts` from the modules around it, or by :func:`unit_dim`'s shape rule.
     """
-    if isinstance(module, _CHANNELS_LAST):
+    module_type, channels_first, channels_last, _ = _module_types()
+    if isinstance(module, channels_last):
         return "channels_last"
-    if isinstance(module, _CHANNELS_FIRST):
+    if isinstance(module, channels_first):
         return "channels_first"
     name = type(module).__name__
-    if isinstance(module, nn.Module) and not any(True for _ in module.children()):
+    if isinstance(module, module_type) and not any(True for _ in module.children()):
         if any(w in name for w in _CHANNELS_FIRST_NAMES):
             return "channels_first"
         if any(w in name for w in _CHANNELS_LAST_NAMES):
@@ -149,8 +167,13 @@ def _leaf_position(position: dict[str, int], name: str) -> int | None:
 def unit_dim(layout: str, ndim: int) -> int:
     """The dimension that holds units in an ``ndim``-dimensional output of the given layout.
 
-    ``channels_first``: 1 (``[N, C, ...]``); ``channels_last``: the last; ``auto``: 1 for 4-D and larger
-    (images), the last for 2-D and 3-D (features, sequences). A 0-D or 1-D output is one unit axis: 0.
+    The one rule for every stage: the statistics count units (and dead units) on it, the figure snapshots keep
+    the first units of it, the figures draw it as channels / features and mark dead units along it.
+
+    ``channels_first``: 1 (``[N, C, ...]``); ``channels_last``: the last; ``auto`` (no module before it
+    tells): 1 for 4-D and larger (images), the last for 2-D and 3-D (features, sequences ``[N, T, F]``). A
+    0-D or 1-D output is one unit axis: 0. Where a 1-D output is shown as one sample ``[1, F]``, ask with
+    ``ndim=2``.
     """
     if ndim <= 1:
         return 0
@@ -161,10 +184,12 @@ def unit_dim(layout: str, ndim: int) -> int:
     return 1 if ndim >= 4 else ndim - 1
 
 
+def unit_count(layout: str, shape: Sequence[int]) -> int:
+    """How many units an output of ``shape`` has (the length of its dead-unit mask): ``shape[unit_dim]``."""
+    return int(shape[unit_dim(layout, len(shape))]) if len(shape) else 1
+
+
 # ---------------------------------------------------------------------------------------------------- death
-#: Activations whose output is never positive exactly when the unit passes no gradient: "dead" means
-#: "never positive over the window" only for these.
-_RELU_LIKE: tuple[type, ...] = (nn.ReLU, nn.ReLU6)
 
 
 def is_relu_like(module: object) -> bool:
@@ -174,7 +199,8 @@ def is_relu_like(module: object) -> bool:
     for everything else: SiLU/GELU/LeakyReLU pass gradient for negative inputs; an ``Identity``, a ``Linear``
     or a normalisation returns pre-activations. A container is judged by what it returns (its last leaf).
     """
-    if isinstance(module, nn.Module) and any(True for _ in module.children()):
+    module_type, _, _, relu_like = _module_types()
+    if isinstance(module, module_type) and any(True for _ in module.children()):
         leaves = [m for m in module.modules() if not any(True for _ in m.children())]
         return bool(leaves) and is_relu_like(leaves[-1])
-    return isinstance(module, _RELU_LIKE) or type(module).__name__ in ("ReLU", "ReLU6")
+    return isinstance(module, relu_like) or type(module).__name__ in ("ReLU", "ReLU6")

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import importlib
 import os
+from typing import Any, Callable
 
 import torch
+import zoo
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_probe import ProbeMixin
 
+#: The two Lightning packages, by the names tests use for them.
+PACKAGES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
+
 #: The Lightning package these models are built on: ``pytorch_lightning`` by default, ``lightning.pytorch`` when a
 #: subprocess (the DDP and package tests) sets LIT_PROBE_TEST_PACKAGE.
 pl = importlib.import_module(os.environ.get("LIT_PROBE_TEST_PACKAGE", "pytorch_lightning"))
+
+
+def lightning(package: str | None = None) -> Any:
+    """The Lightning package module: ``"lightning"`` (``lightning.pytorch``), ``"pytorch_lightning"``, or the
+    module path itself; ``None``: :data:`pl`, the one these models are built on."""
+    if package is None:
+        return pl
+    if package not in PACKAGES and package not in PACKAGES.values():
+        raise ValueError(f"package must be one of {sorted(PACKAGES)}, not {package!r}")
+    return importlib.import_module(PACKAGES.get(package, package))
 
 
 def make_loader(n: int = 64, in_dim: int = 16, classes: int = 4, batch_size: int = 16, seed: int = 0,
@@ -122,9 +135,64 @@ class MixinNet(ProbeMixin, Classifier):
         super().__init__(mlp())
 
 
-def trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = dict(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, max_steps=10,
-                                    logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                    enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=5)
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+def make_trainer(tmp_path: Any, package: str | None = None, **overrides: Any) -> Any:
+    """THE test Trainer: CPU, one device, 10 steps, no logger, checkpoints, progress bar, model summary or sanity
+    validation, ``log_every_n_steps=5``; ``overrides`` are any ``Trainer`` arguments. ``package``: ``"lightning"``
+    or ``"pytorch_lightning"`` (default: the package of :data:`pl`)."""
+    args: dict[str, Any] = dict(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, max_steps=10,
+                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=5)
+    args.update(overrides)
+    return lightning(package).Trainer(**args)
+
+
+#: The name the older tests import.
+trainer = make_trainer
+
+
+# ----------------------------------------------------------------------------------- zoo models in Lightning
+_ZOO_CLASSES: dict[str, type] = {}
+
+
+def _zoo_class(package: str) -> type:
+    if package in _ZOO_CLASSES:
+        return _ZOO_CLASSES[package]
+    lpl = lightning(package)
+
+    class ZooModule(lpl.LightningModule):
+        """A zoo model (:mod:`zoo`) as ``self.net``; ``step_listeners`` are called with ``global_step`` at the
+        start of each training step (the oracle and the bug injections use them)."""
+
+        def __init__(self, entry: zoo.ZooEntry, net: nn.Module | None = None) -> None:
+            super().__init__()
+            self.entry = entry
+            self.net = net if net is not None else entry.build()
+            self.losses: list[float] = []
+            self.step_listeners: list[Callable[[int], None]] = []
+
+        def forward(self, x: torch.Tensor) -> Any:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            for fn in self.step_listeners:
+                fn(int(self.global_step))
+            x, y = batch
+            loss = zoo.compute_loss(self.entry, self.net, x, y)
+            self.losses.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return zoo.make_optimizer(self.entry, self.parameters())
+
+    ZooModule.__name__ = ZooModule.__qualname__ = f"ZooModule_{package}"
+    _ZOO_CLASSES[package] = ZooModule
+    return ZooModule
+
+
+def zoo_module(entry: zoo.ZooEntry, package: str = "lightning", net: nn.Module | None = None, seed: int = 0) -> Any:
+    """The entry's model (built under ``torch.manual_seed(seed)`` unless ``net`` is given) as ``self.net`` of a
+    LightningModule of ``package`` (probe paths are ``net.**``)."""
+    if net is None:
+        torch.manual_seed(seed)
+        net = entry.build()
+    return _zoo_class(package)(entry, net)

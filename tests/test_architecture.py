@@ -17,17 +17,21 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "lit_probe"
 LIGHTNING = {"lightning", "pytorch_lightning", "lightning_fabric"}
-ADAPTERS = {"callback", "lightning", "pytorch_lightning", "packages", "trainer"}  # the only modules that may import Lightning...
+ADAPTERS = {"callback", "lightning", "pytorch_lightning", "packages", "trainer", "fabric"}  # the only modules that may import Lightning...
 LEAVES = {"demo", "__main__"}  # ...besides leaves nothing imports
 # what each core module may import from lit_probe (down the pipeline only)
 ALLOWED = {
-    "errors": set(), "vocab": set(), "findings": set(), "selection": {"errors"},
+    "errors": set(), "vocab": set(), "findings": {"vocab"}, "selection": {"errors"},
     "stats": set(), "hooks": set(), "params": {"stats"}, "snapshots": {"vocab"}, "history": {"stats"},
     "diagnose": {"findings", "history", "selection", "errors"},
     "session": {"diagnose", "findings", "history", "hooks", "params", "selection", "stats", "vocab", "snapshots"},
     "mixin": set(), "extract": {"selection", "errors", "hooks"}, "gradcam": {"selection", "errors"},
-    "figures": set(), "render": {"figures"}, "sinks": set(), "report": {"findings", "sinks"},
-    "output": {"findings", "sinks", "render", "report"},
+    "figures": set(), "compose": {"figures", "vocab"}, "drawing": {"compose", "figures"},
+    "render": {"compose", "drawing", "figures", "vocab"}, "sinks": set(), "record": {"findings", "sinks"},
+    "report": {"findings", "record", "sinks", "vocab"}, "output": {"config", "findings", "record", "sinks", "render", "report"},
+    "config": {"diagnose", "errors", "selection", "vocab"},
+    "run": {"config", "errors", "findings", "gradcam", "hooks", "mixin", "output", "record", "selection", "session",
+            "vocab"},
 }
 
 
@@ -97,3 +101,51 @@ def test_public_api():
                  "ProbeSession", "list_probe_points", "Severity", "Thresholds", "__version__"):
         assert hasattr(lit_probe, name), name
     assert set(lit_probe.__all__) >= {"FeatureProbe", "ProbeMixin", "Finding", "ProbeConfigError", "ProbeAlarm"}
+
+
+def _private_names_defined(tree: ast.AST) -> set[str]:
+    """Private names a module defines: functions, classes, module globals, and attributes it assigns."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            out.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            out.add(node.id)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out.add(node.target.id)
+    return {n for n in out if n.startswith("_") and not n.startswith("__")}
+
+
+def test_no_private_member_is_used_across_modules():
+    """A module reads its own private members only: ``x._name`` where ``_name`` belongs to another lit_probe
+    module (and to no module reading it) fails, as does ``from .mod import _name``. Private members of torch,
+    Lightning and matplotlib that the probe must read are listed with their reason."""
+    third_party = {  # name: why the probe reads it
+        "_scale": "torch GradScaler's scale tensor (no host sync, unlike get_scale())",
+        "_forward_hooks": "nn.Module hook dicts (hook snapshots, leak checks)",
+        "_forward_pre_hooks": "nn.Module hook dicts", "_backward_hooks": "nn.Module hook dicts",
+        "_backward_pre_hooks": "nn.Module hook dicts",
+    }
+    trees = {m: ast.parse((PKG / f"{m}.py").read_text()) for m in MODULES}
+    owned = {m: _private_names_defined(t) for m, t in trees.items()}
+    everyone = set().union(*owned.values())
+    bad = []
+    for m, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                bad += [f"{m}: from .{node.module} import {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+                continue
+            base = node.value
+            if isinstance(base, ast.Name) and base.id in ("self", "cls", "torch", "np"):
+                continue  # its own, or a library's (torch._C, torch._foreach_norm)
+            if isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super":
+                continue
+            name = node.attr
+            if name in owned[m] or name not in everyone or name in third_party:
+                continue  # its own, or not ours (torch._C, torch._foreach_norm, ...)
+            bad.append(f"{m}:{node.lineno}: .{name} (a private member of {sorted(k for k in owned if name in owned[k])})")
+    assert not bad, "\n".join(bad)

@@ -1,10 +1,12 @@
-"""Smoke test of ``benchmarks/overhead.py``: tiny in-process runs of every section, checking the JSON's shape and
-the Markdown it prints (never timings)."""
+"""Smoke tests of the benchmarks: ``benchmarks/overhead.py`` (tiny in-process runs of every section, checking the
+JSON's shape and the Markdown it prints, never timings) and the zoo research scripts ``zoo_research`` and
+``param_research`` (the smallest runs, as ``python -m benchmarks.<name>``, a few seconds each)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +131,50 @@ def test_bad_arguments_are_rejected(bench: ModuleType) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--section", "nope"])
     assert bench.main(["--list-variants"]) == {}
+
+
+# ------------------------------------------------------------------ the zoo research scripts (plain PyTorch)
+REPO = SCRIPT.parents[1]
+
+
+def _run_module(module: str, *args: str, tmpdir: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.<module> ARGS`` from the repository root (how the scripts are documented to run);
+    ``tmpdir`` becomes TMPDIR, where the default ``tempfile.mkdtemp()`` output goes."""
+    env = dict(os.environ)
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240, check=False)
+
+
+def test_zoo_research_collects_and_evaluates_into_the_given_directory(tmp_path: Path) -> None:
+    out = tmp_path / "zr"
+    res = _run_module("zoo_research", "all", "--models", "tv_vit", "--steps", "3", "--parts", "nan,vanishing",
+                      "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {p.name for p in out.glob("*.pkl")} == {"healthy_tv_vit.pkl", "bug_nan_tv_vit.pkl",
+                                                  "bug_vanish_tanh_mlp30.pkl", "bug_vanish_sigmoid15.pkl",
+                                                  "bug_vanish_tanh_mlp30_small_init.pkl"}
+    report = (out / "zoo_report.md").read_text()
+    assert "### Models (healthy runs)" in report and "| tv_vit | torchvision |" in report
+    # the oracle's answer for the injected NaN: the module it was injected into, at the injection step
+    assert "| tv_vit | `encoder.layers.encoder_layer_1.mlp.0` | `encoder.layers.encoder_layer_1.mlp.0` (5) |" in report
+
+
+def test_zoo_research_needs_the_directory_to_evaluate(tmp_path: Path) -> None:
+    res = _run_module("zoo_research", "evaluate")
+    assert res.returncode == 2 and "--out DIR" in res.stderr
+
+
+def test_param_research_writes_to_a_fresh_temporary_directory_by_default(tmp_path: Path) -> None:
+    res = _run_module("param_research", "--models", "tv_vit", "--sgd-models", "", "--no-bugs", "--steps", "4",
+                      tmpdir=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (cache,) = tmp_path.glob("param_research_*/param_research.pkl")
+    assert f"(cache {cache})" in res.stdout
+    assert "## healthy runs (4 steps" in res.stdout and "tv_vit|adam 0.001" in res.stdout
+    # evaluated again from the cache, without training
+    again = _run_module("param_research", "--models", "tv_vit", "--sgd-models", "", "--no-bugs", "--steps", "4",
+                        "--out", str(cache.parent), "--reuse")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "tv_vit|adam 0.001" in again.stdout and "  tv_vit:" not in again.stderr  # nothing trained

@@ -210,7 +210,10 @@ def _compiled_fit(tmp_path, backend, warm):
 
 
 @pytest.mark.parametrize("backend, warm", [("eager", True), ("aot_eager", False)])
-def test_compiled_submodule_is_probed_or_refused(tmp_path, backend, warm):
+def test_compiled_submodule_is_probed(tmp_path, backend, warm):
+    """README (compatibility): a ``torch.compile``d submodule works — every step is measured under the user's
+    names, the probe's own code is not traced, no hook is left, the statistics are the eager run's. Any error
+    (a refusal included) fails the test."""
     dynamo = pytest.importorskip("torch._dynamo")
     from torch._dynamo.utils import counters
 
@@ -218,9 +221,6 @@ def test_compiled_submodule_is_probed_or_refused(tmp_path, backend, warm):
     counters.clear()
     try:
         model, probe, t, before = _compiled_fit(tmp_path, backend, warm)
-    except Exception as err:  # allowed: a clear refusal at start, before any step
-        assert "compile" in str(err).lower(), err
-        return
     finally:
         frames = counters["frames"]["total"]
         dynamo.reset()
@@ -423,6 +423,10 @@ class Eval(Net):
         return self(batch[0]).argmax(-1)
 
 
+def _val_session(probe):
+    return probe.run.validation_session if probe.run is not None else None
+
+
 @pytest.mark.parametrize("probe_validation", [False, True])
 def test_sanity_check_is_not_counted(tmp_path, probe_validation):
     model = Eval()
@@ -436,9 +440,9 @@ def test_sanity_check_is_not_counted(tmp_path, probe_validation):
     for sig in ("activation", "gradient"):
         assert (values[:, _slot(probe, "net.0", sig), S["calls"]] == 1).all()
     if not probe_validation:
-        assert probe._val_session is None and not probe.findings
+        assert _val_session(probe) is None and not probe.findings
         return
-    vsteps, vvalues = probe._val_session.history.window()
+    vsteps, vvalues = _val_session(probe).history.window()
     assert list(vsteps) == [3]  # only the real validation, not the sanity check
     assert vvalues[0, _slot(probe, "net.0"), S["calls"]] == 2
     assert not probe.findings

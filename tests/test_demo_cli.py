@@ -18,6 +18,7 @@ import pytest
 from lit_probe.__main__ import format_findings, main
 from lit_probe.demo import EXPECTED, demo_bug_step
 from lit_probe.findings import ADVICE, Finding
+from lit_probe.record import RunRecord
 
 STEPS = {"none": 22, "dead-relu": 22, "exploding": 8, "nan": 3, "vanishing": 6}
 
@@ -210,8 +211,10 @@ def test_report_command(tmp_path, capsys):
     probe = tmp_path / "run" / "probe"
     probe.mkdir(parents=True)
     f = Finding(step=7, layer="block3.norm_div", signal="activation", kind="nonfinite", value=float("nan"),
-                threshold=0.0)
-    (probe / "findings.jsonl").write_text(f.to_json() + "\n")
+                threshold=0.0, incident=0, cause=True)
+    record = RunRecord(layers=["block3.norm_div"], status="finished")
+    record.set_findings([f])
+    record.save(probe)
     assert main(["report", str(probe), "--title", "my run"]) == 0
     printed = capsys.readouterr().out.strip()
     assert printed == str((probe / "report.html").resolve())
@@ -222,7 +225,9 @@ def test_report_command(tmp_path, capsys):
     assert main(["report", str(tmp_path / "run")]) == 0
     assert (probe / "report.html").is_file()
     capsys.readouterr()
-    for bad in (tmp_path / "nope", probe / "findings.jsonl"):
+    for bad in (tmp_path / "nope", probe / "run.json"):
         assert main(["report", str(bad)]) == 2
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and err[0].startswith(f"lit-probe report: error: SAVE_DIR {bad} "), err
+    assert main(["report", str(tmp_path)]) == 2  # a directory without a run record
+    assert "no run.json (the run record)" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Detectors as functions of statistics: table-driven, no Lightning, no hooks."""
+"""Detectors as functions of statistics: table-driven, no Lightning, no hooks (but one real ProbeSession run on a
+bare model, the last test, checks that the dead-unit thresholds a user sets take effect)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-from lit_probe import ProbeConfigError
+from lit_probe import ProbeConfigError, ProbeSession
 from lit_probe.diagnose import Diagnosis, Thresholds, diagnose as run_detectors
 from lit_probe.findings import Finding, group_incidents, incidents_of
 from lit_probe.history import derive
@@ -166,3 +169,100 @@ def test_gradient_findings_of_one_step_come_in_backward_order():
     backward = [[0, 2, 4, 5, 3, 1]]  # forward a, b, c; backward c, b, a
     _, f = diagnose(rows([0], absmax=am, order=backward))
     assert [(x.layer, x.signal) for x in f] == [("c", "gradient"), ("b", "gradient"), ("a", "gradient")]
+
+
+# ------------------------------------------------------------------------ dead-unit thresholds that apply
+def _units(n_units: int, n_dead: int) -> np.ndarray:
+    """Last-fired step per unit at step 29: ``n_dead`` never fired (step 0), the rest fired at step 29."""
+    last = np.full(n_units, 29.0, np.float32)
+    last[:n_dead] = 0
+    return last
+
+
+@pytest.mark.parametrize("n_units, n_dead, thr, found", [
+    (8, 3, {}, False),  # 4-15 units: the small-layer default 0.9 applies
+    (8, 7, {}, False),  # 0.875 < 0.9
+    (8, 8, {}, True),
+    (8, 3, {"dead_fraction": 0.25}, True),  # the user's fraction applies to small layers too
+    (8, 1, {"dead_fraction": 0.25}, False),  # 0.125 < 0.25
+    (8, 3, {"dead_fraction": 0.25, "dead_fraction_small": 0.9}, False),  # ... unless the small one is set too
+    (8, 4, {"dead_fraction_small": 0.5}, True),
+    (8, 8, {"dead_fraction": 0.95}, True),
+    (15, 7, {"dead_fraction": 0.45}, True),
+    (16, 8, {}, True),  # from 16 units: dead_fraction (0.5)
+    (16, 7, {}, False),
+    (32, 8, {"dead_fraction": 0.25}, True),
+    (32, 8, {"dead_fraction_small": 0.1}, False),  # the small-layer fraction never applies to large layers
+    (3, 3, {}, False),  # fewer than dead_min_units (4): not judged
+    (3, 3, {"dead_fraction": 0.25}, False),
+    (3, 3, {"dead_min_units": 2}, True),
+    (3, 1, {"dead_min_units": 1, "dead_fraction": 0.3}, True),
+])
+def test_dead_fraction_thresholds_apply(n_units, n_dead, thr, found):
+    _, f = diagnose(rows([29]), {0: _units(n_units, n_dead)}, {0: 0}, **thr)
+    assert [x.kind for x in f] == (["dead"] if found else [])
+    if found:
+        t = Thresholds.from_dict(thr)
+        expected = t.dead_fraction_small if n_units < 16 else t.dead_fraction
+        assert f[0].threshold == pytest.approx(expected) and f[0].value == pytest.approx(n_dead / n_units)
+        assert f[0].extra["units"] == n_units and f[0].extra["dead_units"] == n_dead
+
+
+@pytest.mark.parametrize("given, small", [
+    ({}, 0.9),
+    ({"dead_fraction": 0.25}, 0.25),
+    ({"dead_fraction": 0.5}, 0.5),  # given explicitly: the user's fraction, even at its default value
+    ({"dead_fraction": 0.95}, 0.95),  # the old max(dead_fraction, 0.9)
+    ({"dead_fraction": 0.25, "dead_fraction_small": 0.8}, 0.8),
+    ({"dead_fraction_small": 0.7}, 0.7),
+])
+def test_small_layer_fraction_follows_an_overridden_dead_fraction(given, small):
+    t = Thresholds.from_dict(given)
+    assert t.dead_fraction_small == small
+    assert Thresholds.from_dict(t.to_dict()) == t  # a saved configuration reads back the same
+    direct = Thresholds(**given)
+    if given != {"dead_fraction": 0.5}:  # the dataclass cannot tell 0.5 given from the default
+        assert direct == t
+
+
+def test_defaults_are_unchanged():
+    t = Thresholds()
+    assert (t.dead_fraction, t.dead_fraction_small, t.dead_min_units) == (0.5, 0.9, 4)
+    assert Thresholds.from_dict(None) == t
+
+
+@pytest.mark.parametrize("bad", [{"dead_fraction_small": 0}, {"dead_fraction_small": 1.5},
+                                 {"dead_fraction_small": "0.5"}, {"dead_min_units": 0},
+                                 {"dead_min_units": 2.5}])
+def test_small_layer_threshold_validation(bad):
+    with pytest.raises(ProbeConfigError):
+        Thresholds.from_dict(bad)
+
+
+@pytest.mark.parametrize("thr, found", [({}, False), ({"dead_fraction": 0.25}, True),
+                                        ({"dead_fraction": 0.25, "dead_fraction_small": 0.9}, False)])
+def test_a_real_run_finds_3_of_8_dead_units_with_dead_fraction_025(thr, found):
+    """A real ProbeSession over a bare model: 3 of the 8 ReLU units never fire (zero weights, bias -1)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        net[0].weight[:3] = 0.0
+        net[0].bias[:3] = -1.0
+        net[0].bias[3:] = 1.0  # the other 5 fire on (nearly) every sample
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    session = ProbeSession.from_model(net, ["1"], thresholds=thr)
+    found_now = []
+    with session:
+        for step in range(25):
+            session.begin_step(step)
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(torch.randn(16, 16)), torch.randint(0, 4, (16,))).backward()
+            opt.step()
+            session.end_step()
+            if step % 5 == 4:
+                found_now += session.flush()
+    dead = [f for f in found_now if f.kind == "dead"]
+    assert [(f.layer, f.value) for f in dead] == ([("1", 3 / 8)] if found else [])
+    if found:
+        assert dead[0].threshold == 0.25 and dead[0].extra["dead_units"] == 3
+    assert session.dead_fractions()["1"] == pytest.approx(3 / 8)

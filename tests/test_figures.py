@@ -36,6 +36,19 @@ def _png(fig, dpi: int = 100) -> Image.Image:
     return img
 
 
+def _drawn(fig, *, panels: int, title: str, width: tuple[int, int] = (800, 1300)) -> np.ndarray:
+    """Render ``fig``, check what a reader sees: its title, ``panels`` plot axes (colour bars not counted), a
+    PNG of a sensible width that is not blank. Returns its RGB pixels."""
+    assert fig.get_suptitle() == title
+    plots = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(plots) == panels, [ax.get_label() for ax in fig.axes]
+    img = _png(fig)
+    assert width[0] <= img.size[0] <= width[1] and 300 <= img.size[1] <= 1500, img.size
+    arr = np.asarray(img.convert("RGB")).astype(int)
+    assert arr.std() > 10 and len(np.unique(arr.reshape(-1, 3), axis=0)) > 50  # drawn, not a blank canvas
+    return arr
+
+
 def _texts(fig) -> str:
     """All text drawn in a figure (titles, labels, annotations), joined."""
     out = []
@@ -111,9 +124,16 @@ def test_nonfinite_values_do_not_crash_and_are_counted():
 
 
 def test_all_nan_grid_renders():
+    from lit_probe.figures import _SPECIAL
+
     vals = np.full((4, 5, 5), np.nan, dtype=np.float32)
-    _png(feature_grid(vals, title="all nan"))
-    _png(feature_grid(vals, title="all nan", diverging=True))
+    for diverging in (False, True):
+        fig = feature_grid(vals, title="all nan", diverging=diverging)
+        assert "NaN: 100" in _texts(fig) and "non-finite: 100 NaN" in _texts(fig)
+        cb = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        assert len(cb) == 1 and cb[0].get_ylabel() == ("gradient (0 = white)" if diverging else "activation")
+        arr = _drawn(fig, panels=1, title="all nan")
+        assert _colour_mask(arr, _SPECIAL[diverging]["nan"][0]).sum() > 1000  # every tile in the NaN colour
 
 
 def test_dead_channels_are_marked_in_red():
@@ -171,7 +191,23 @@ def test_dead_features_on_heatmap_axis_follow_mask_length():
     assert _red_pixels(_png(feature_grid(vals, title="t", dead=dead))) > 20
     dead_rows = np.zeros(8, dtype=bool)
     dead_rows[1] = True
-    assert _red_pixels(_png(feature_grid(vals, title="t", dead=dead_rows))) > 20
+    assert _red_pixels(_png(feature_grid(vals, title="t", dead=dead_rows, channel_axis=0))) > 20
+    # the mask is over the units of the given axis, never guessed from its length
+    assert "dead (red)" not in _texts(feature_grid(vals, title="t", dead=dead_rows))
+
+
+def test_dead_heatmap_units_are_hatched_over_their_whole_row_or_column():
+    from lit_probe.figures import DEAD_GID
+
+    vals = np.abs(np.random.default_rng(9).normal(size=(12, 30))).astype(np.float32)
+    dead = np.zeros(30, dtype=bool)
+    dead[[4, 17]] = True
+    fig = feature_grid(vals, title="t", dead=dead, channel_axis=1)
+    (marks,) = [c for c in fig.axes[0].collections if c.get_gid() == DEAD_GID]
+    assert marks.get_hatch() == "xx"
+    boxes = sorted(tuple(np.round(p.get_extents().bounds, 3)) for p in marks.get_paths())
+    assert boxes == [(3.5, -0.5, 1.0, 12.0), (16.5, -0.5, 1.0, 12.0)]  # columns 4 and 17, every row
+    assert _red_pixels(_png(fig)) > 200
 
 
 def test_bad_inputs_raise_value_error():
@@ -216,7 +252,13 @@ def test_histogram_counts_nan_and_infinities():
 )
 def test_histogram_edge_cases_never_crash(values):
     fig = histogram(values, title="edge")
-    _png(fig)
+    text = _texts(fig)
+    finite = values[np.isfinite(values)]
+    assert f"n = {values.size:,}" in text and f"NaN = {int(np.isnan(values).sum())}" in text
+    assert ("no finite values" in text) == (finite.size == 0)
+    (ax,) = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "value"
+    _drawn(fig, panels=1, title="edge")
 
 
 def test_histograms_two_panels():
@@ -260,10 +302,21 @@ def test_health_timeline_large_is_legible_and_fast_enough():
 
 
 def test_health_timeline_small_and_empty():
-    _png(health_timeline(*_timeline_inputs(3, 4)))
-    _png(health_timeline(["a"], np.zeros(0), np.zeros((1, 0)), np.zeros((1, 0)), np.zeros((1, 0)), []))
+    def heatmaps(fig):
+        return [ax for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>"]
+
+    small = health_timeline(*_timeline_inputs(3, 4))
+    assert [im.get_array().shape[0] for ax in heatmaps(small) for im in ax.images] == [3] * 3  # row per layer
+    assert "model.blocks.2.mlp" in _texts(small)
+    _drawn(small, panels=6, title="layer health: 3 layers x 4 log steps")  # 3 heatmaps, 3 colour-bar axes
+    empty = health_timeline(["a"], np.zeros(0), np.zeros((1, 0)), np.zeros((1, 0)), np.zeros((1, 0)), [])
+    assert heatmaps(empty) == [] and _texts(empty).count("no data yet") == 3  # each panel says so
+    _drawn(empty, panels=6, title="layer health: 1 layers x 0 log steps")
     all_nan = np.full((2, 3), np.nan)
-    _png(health_timeline(["a", "b"], np.arange(3), all_nan, all_nan, all_nan, []))
+    nan_fig = health_timeline(["a", "b"], np.arange(3), all_nan, all_nan, all_nan, [])
+    assert len(heatmaps(nan_fig)) == 3
+    arr = _drawn(nan_fig, panels=6, title="layer health: 2 layers x 3 log steps")
+    assert _colour_mask(arr, "#c8c8c8", tol=3).sum() > 1000  # grey = no value
 
 
 def test_health_timeline_shape_mismatch():

@@ -134,3 +134,27 @@ def test_closed_run_cannot_reopen(plain):
         pass
     with pytest.raises(ProbeError, match="closed"):
         run.open()
+
+
+def test_resume_keeps_finding_extra(tmp_path):
+    """A run's state (what a checkpoint keeps) restores every finding with its ``extra`` (weights_only load)."""
+    from lit_probe import ProbeRun
+
+    model = loops.Model()
+    opt = loops.optimizer(model)
+    with ProbeRun(model, ["net.**"], optimizers=[opt], save_dir=str(tmp_path / "a"), figure_every_n_steps=None,
+                  log_every_n_steps=5) as run:
+        for x, y in loops.loader():
+            with run.step():
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+        state = run.state_dict()
+    assert any(f.extra for f in run.findings), run.findings  # e.g. the streams a NaN reached downstream
+    torch.save(state, tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    again = ProbeRun(loops.Model(), ["net.**"], save_dir=str(tmp_path / "b"), figure_every_n_steps=None)
+    again.load_state_dict(loaded)
+    with again:
+        assert again.findings == run.findings
+        assert [f.extra for f in again.findings] == [f.extra for f in run.findings]

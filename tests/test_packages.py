@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import PACKAGES, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,7 +26,8 @@ from lit_probe.callback import ProbeCallback
 from lit_probe.packages import lightning_packages
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
+#: these tests' Trainer arguments (on top of models.make_trainer's)
+SHORT = {"max_steps": 8, "log_every_n_steps": 4}
 INSTALLED = lightning_packages()
 
 pytestmark = pytest.mark.filterwarnings("ignore::lit_probe.callback.ProbeWarning")
@@ -81,15 +83,6 @@ def _module(pkg: str, nan_at: int = -1, dead: bool = False):
     return Net
 
 
-def _trainer(pkg: str, tmp_path: Path, **kw):
-    pl = _pl(pkg)
-    args = dict(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, max_steps=8, logger=False,
-                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                num_sanity_val_steps=0, log_every_n_steps=4)
-    args.update(kw)
-    return pl.Trainer(**args)
-
-
 def test_each_class_is_a_real_subclass_of_its_package_callback(pkg):
     own = importlib.import_module(f"lit_probe.{pkg}").FeatureProbe
     assert issubclass(own, _pl(pkg).Callback)
@@ -103,7 +96,7 @@ def test_each_class_is_a_real_subclass_of_its_package_callback(pkg):
 def test_fit_finds_the_first_nan_layer_and_step(pkg, which, tmp_path):
     cls = lit_probe.FeatureProbe if which == "auto" else importlib.import_module(f"lit_probe.{pkg}").FeatureProbe
     probe = cls(probes=["net.*"], save_dir=str(tmp_path / "p"), figure_every_n_steps=None)
-    _trainer(pkg, tmp_path, callbacks=[probe]).fit(_module(pkg, nan_at=5)(), _loader())
+    make_trainer(tmp_path, pkg, **SHORT, callbacks=[probe]).fit(_module(pkg, nan_at=5)(), _loader())
     causes = [(f.layer, f.signal, f.kind, f.step) for f in probe.findings if f.cause]
     assert causes[0] == ("net.2", "activation", "nonfinite", 5), probe.findings
     lines = (tmp_path / "p" / "findings.jsonl").read_text().splitlines()
@@ -152,12 +145,13 @@ def test_checkpoint_resume_continues_windows_and_findings(pkg, tmp_path):
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_train_steps=10)
     p1 = lit_probe.FeatureProbe(probes=["net.*"], save_dir=str(tmp_path / "p"), figure_every_n_steps=None,
                                 thresholds={"dead_window": 20}, log_every_n_steps=5)
-    _trainer(pkg, tmp_path, callbacks=[p1, ckpt], max_steps=10, enable_checkpointing=True).fit(Net(), _loader(n=320))
+    make_trainer(tmp_path, pkg, callbacks=[p1, ckpt], max_steps=10, log_every_n_steps=4,
+                 enable_checkpointing=True).fit(Net(), _loader(n=320))
     assert not [f for f in p1.findings if f.kind == "dead"]  # 10 steps: the 20-step window is not complete
     p2 = lit_probe.FeatureProbe(probes=["net.*"], save_dir=str(tmp_path / "p"), figure_every_n_steps=None,
                                 thresholds={"dead_window": 20}, log_every_n_steps=5)
-    _trainer(pkg, tmp_path, callbacks=[p2], max_steps=25).fit(Net(), _loader(n=320),
-                                                               ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    make_trainer(tmp_path, pkg, callbacks=[p2], max_steps=25, log_every_n_steps=4).fit(
+        Net(), _loader(n=320), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     dead = [f for f in p2.findings if f.kind == "dead"]
     # the window started at step 0 before the checkpoint: dead from step 20 (not 30, as a fresh window would say)
     assert [(f.layer, f.step) for f in dead] == [("net.4", 20)], p2.findings
@@ -166,15 +160,16 @@ def test_checkpoint_resume_continues_windows_and_findings(pkg, tmp_path):
 def test_an_install_with_only_one_package_never_imports_the_other(pkg, tmp_path):
     other = [p for p in PACKAGES if p != pkg]
     code = textwrap.dedent(f"""
-        import sys
+        import os, sys
         for name in {other!r}:
             sys.modules[name] = None  # as if not installed
         sys.path.insert(0, {str(REPO / 'tests')!r})
         import lit_probe
         assert not [m for m in ('lightning', 'pytorch_lightning', 'torch') if sys.modules.get(m) is not None]
+        os.environ["LIT_PROBE_TEST_PACKAGE"] = {PACKAGES[pkg]!r}  # the package tests/models.py builds on
         import test_packages as tp
         probe = lit_probe.FeatureProbe(probes=["net.*"], figure_every_n_steps=None, save_dir={str(tmp_path)!r})
-        tp._trainer({pkg!r}, __import__('pathlib').Path({str(tmp_path)!r}), callbacks=[probe]).fit(
+        tp.make_trainer({str(tmp_path)!r}, {pkg!r}, **tp.SHORT, callbacks=[probe]).fit(
             tp._module({pkg!r}, nan_at=2)(), tp._loader())
         assert probe.findings and probe.findings[0].layer == "net.2"
         loaded = [m for m in {other!r} if sys.modules.get(m) is not None]
@@ -192,7 +187,8 @@ def test_fsdp_fails_at_fit_start_with_what_works(pkg, tmp_path):
 
     pl = _pl(pkg)
     with pytest.raises(ValueError, match="GPU"):
-        _trainer(pkg, tmp_path, devices=2, strategy=pl.strategies.FSDPStrategy(process_group_backend="gloo"))
+        make_trainer(tmp_path, pkg, **SHORT, devices=2,
+                     strategy=pl.strategies.FSDPStrategy(process_group_backend="gloo"))
     probe = lit_probe.FeatureProbe(probes=["net.*"], figure_every_n_steps=None, save_dir=str(tmp_path / "p"))
     model = _module(pkg)()
     fake = SimpleNamespace(strategy=pl.strategies.FSDPStrategy())

@@ -1,4 +1,4 @@
-"""Tests for lit_probe.render (worker thread, renderer) and lit_probe.snapshots."""
+"""Tests for lit_probe.render (the figure queue, both backends) and lit_probe.snapshots."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import gc
 import io
 import pickle
 import threading
-import time
 import weakref
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lit_probe.render import FIGURE_KINDS, TIMELINE_LAYER, FigureRenderer, RenderWorker
+from lit_probe.render import FIGURE_KINDS, TIMELINE_LAYER, FigureRenderer
 from lit_probe.snapshots import layout_for_module, snapshot_tensor
 
 
@@ -50,116 +49,64 @@ def _open(png: bytes) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------------
-# RenderWorker
+# the drawing thread (backend="thread", and the fallback when no process can be started)
 # ---------------------------------------------------------------------------------------------------
-def test_worker_starts_lazily_runs_jobs_and_joins_on_close():
-    w = RenderWorker(max_queue=4)
-    assert not w.alive and _render_threads() == []
-    done = []
-    assert w.submit(lambda: done.append(threading.current_thread().name))
-    assert w.alive
-    w.drain()
-    assert done == ["lit-probe-render"]
-    assert w.close()
-    assert not w.alive and _render_threads() == []
-    thread_objs = [t for t in threading.enumerate() if t.name == "lit-probe-render"]
-    assert thread_objs == []
-    # non-daemon: it must be joined, never abandoned
-    w.submit(lambda: None)
-    assert all(not t.daemon for t in _render_threads())
-    w.close()
-
-
-def test_worker_drops_and_counts_when_full():
-    w = RenderWorker(max_queue=2)
+def test_thread_backend_starts_lazily_draws_in_one_non_daemon_thread_and_ends_when_idle():
+    sink = RecordingSink()
+    r = FigureRenderer([sink], figures=("activations",), backend="thread")
+    assert _render_threads() == []  # nothing before the first submit
     gate = threading.Event()
-    ran = []
-    assert w.submit(lambda: (gate.wait(10), ran.append(1)))
-    assert w.submit(lambda: ran.append(2))
-    t0 = time.perf_counter()
-    assert w.submit(lambda: ran.append(3)) is False  # non-blocking
-    assert w.submit(lambda: ran.append(4)) is False
-    assert time.perf_counter() - t0 < 0.5
-    assert w.dropped == 2
+    sink.write_png = lambda *a, _w=sink.write_png: (gate.wait(10), _w(*a))
+    assert r.submit_layer(0, "a", _snap((1, 2, 4, 4)), None)
+    (t,) = _render_threads()
+    assert t.name == "lit-probe-render" and not t.daemon  # joined, never abandoned
     gate.set()
-    assert w.drain(10)
-    assert ran == [1, 2]
-    w.close()
+    assert r.drain(30)
+    t.join(10)  # the queue is empty: the thread ends by itself
+    assert not t.is_alive()
+    assert r.submit_layer(1, "a", _snap((1, 2, 4, 4)), None)  # and a new one starts for the next job
+    assert r.close()
+    assert [(c[0], c[3], c[4]) for c in sink.calls] == [("a", step, "lit-probe-render") for step in (0, 1)]
+    assert r.completed == 2 and r.errors == []
 
 
-def test_worker_records_errors_and_keeps_running():
-    w = RenderWorker()
-    ran = []
-
-    def bad():
-        raise ValueError("boom")
-
-    w.submit(bad)
-    w.submit(lambda: ran.append("after"))
-    w.drain()
-    assert ran == ["after"]
-    assert w.error_count == 1 and "ValueError: boom" in w.errors[0]
-    assert w.alive
-    w.close()
-
-
-def test_close_is_idempotent_and_worker_is_reusable():
-    w = RenderWorker()
-    w.close()  # never started
-    for _ in range(3):  # three "fits"
-        out = []
-        w.submit(lambda: out.append(1))
-        assert w.close()
-        assert out == [1]
-        assert w.close()
+def test_thread_backend_close_is_idempotent_and_the_renderer_reusable():
+    sink = RecordingSink()
+    r = FigureRenderer([sink], figures=("activations",), backend="thread")
+    assert r.close()  # never started
+    for step in range(3):  # three "fits"
+        r.submit_layer(step, "a", _snap((1, 2, 4, 4)), None)
+        assert r.close() and r.close()
         assert _render_threads() == []
+    assert [c[3] for c in sink.calls] == [0, 1, 2]
 
 
-def test_close_times_out_on_a_hung_job_and_discards_the_queue():
-    w = RenderWorker(max_queue=5)
-    gate = threading.Event()
-    w.submit(lambda: gate.wait(10))
-    w.submit(lambda: None)
-    w.submit(lambda: None)
-    assert w.drain(0.05) is False
-    assert w.close(timeout=0.1) is False
-    assert w.dropped == 2
-    assert any("did not stop" in e for e in w.errors)
+def test_thread_backend_close_times_out_on_a_hung_sink_and_cancels_the_queue():
+    entered, gate = threading.Event(), threading.Event()
+
+    class HungSink(RecordingSink):
+        def write_png(self, *a):
+            entered.set()
+            gate.wait(20)
+            super().write_png(*a)
+
+    r = FigureRenderer([HungSink()], figures=("activations",), backend="thread")
+    for i in range(3):
+        assert r.submit_layer(0, f"l{i}", _snap((1, 2, 4, 4)), None)
+    assert entered.wait(30)  # the first job is in the sink, the other two queued
+    assert r.drain(0.05) is False
+    assert r.close(timeout=0.1) is False
+    assert any("did not stop" in e for e in r.errors)
+    assert r.dropped == 2 and [(s.layer, s.reason) for s in r.skipped] == [("l1", "fit end timeout"),
+                                                                             ("l2", "fit end timeout")]
     gate.set()
-    assert w.close(timeout=10)
-
-
-def test_worker_pickles_idle_and_running():
-    w = RenderWorker(max_queue=3, name="lit-probe-render-p")
-    w.dropped = 5
-    w2 = pickle.loads(pickle.dumps(w))
-    assert w2.max_queue == 3 and w2.dropped == 5 and not w2.alive
-    gate = threading.Event()
-    w.submit(gate.wait)
-    w3 = pickle.loads(pickle.dumps(w))  # state without the thread
-    assert not w3.alive
-    out = []
-    w3.submit(lambda: out.append(1))
-    w3.close()
-    assert out == [1]
-    gate.set()
-    w.close()
-
-
-def test_drain_waits_for_all_jobs():
-    w = RenderWorker(max_queue=10)
-    out = []
-    for i in range(10):
-        w.submit(lambda i=i: (time.sleep(0.01), out.append(i)))
-    assert w.drain(10)
-    assert out == list(range(10))
-    assert w.pending == 0
-    w.close()
+    assert r.close(timeout=10)
+    assert _render_threads() == []
 
 
 def test_bad_max_queue():
     with pytest.raises(ValueError):
-        RenderWorker(max_queue=0)
+        FigureRenderer([], max_queue=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,7 +261,8 @@ def test_snapshot_conv_caps_samples_and_channels_and_copies():
 
 def test_snapshot_layouts():
     assert snapshot_tensor(torch.randn(10, 300), 4, 64).shape == (4, 64)
-    assert snapshot_tensor(torch.randn(3, 50, 200), 2, 16).shape == (2, 16, 200)  # auto: [N, C, L]
+    assert snapshot_tensor(torch.randn(3, 50, 200), 2, 16).shape == (2, 50, 16)  # auto: [N, T, F] (unit_dim)
+    assert snapshot_tensor(torch.randn(3, 50, 200), 2, 16, layout="channels_first").shape == (2, 16, 200)
     assert snapshot_tensor(torch.randn(3, 50, 200), 2, 16, layout="channels_last").shape == (2, 50, 16)
     assert snapshot_tensor(torch.randn(7), 2, 4).shape == (1, 4)
     assert snapshot_tensor(torch.randn(2, 3, 4, 5, 6), 1, 2).shape == (1, 2, 4, 5, 6)

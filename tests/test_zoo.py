@@ -22,6 +22,7 @@ import torch
 
 import zoo
 from lit_probe import FeatureProbe
+from models import make_trainer, zoo_module
 
 pytestmark = pytest.mark.zoo
 
@@ -61,7 +62,7 @@ def _fit(entry: zoo.ZooEntry, backend: str, tmp_path, steps: int, probe: Feature
          prepare=None, oracle: bool = True, units: bool = True):
     """A real ``Trainer.fit`` of ``entry`` with the probe and the oracle (hooked on the LightningModule, so its
     names are the probe's: ``net.layer1``). ``prepare(module)`` injects a bug before fit."""
-    module = zoo.lit_module(entry, backend)
+    module = zoo_module(entry, backend)
     if prepare is not None:
         prepare(module)
     orc = None
@@ -69,7 +70,8 @@ def _fit(entry: zoo.ZooEntry, backend: str, tmp_path, steps: int, probe: Feature
         # exactly what "net.**" selects: every module under net, not net itself
         orc = zoo.Oracle(module, units=units, include=lambda path: path.startswith("net.")).attach()
         module.step_listeners.append(orc.begin_step)
-    trainer = zoo.make_trainer(backend, tmp_path, steps, [probe] if probe is not None else [])
+    trainer = make_trainer(tmp_path, backend, max_steps=steps, callbacks=[probe] if probe is not None else [],
+                           limit_val_batches=0, log_every_n_steps=10)
     try:
         trainer.fit(module, zoo.make_loader(entry))
     finally:

@@ -1,11 +1,11 @@
 """A zoo of small REAL architectures (torchvision, timm, transformers) with random weights, and a plain-PyTorch
 oracle that says what happened inside them, call by call.
 
-Nothing here imports lit_probe: the oracle is the independent ground truth the probe is checked against.
+Nothing here imports lit_probe or Lightning: the oracle is the independent ground truth the probe is checked against.
 
 * :data:`ZOO` — name -> :class:`ZooEntry` (builder, seeded batches, loss, optimiser, measured time for 40 steps).
-* :func:`lit_module` — wraps an entry's model in a LightningModule (``lightning.pytorch`` or
-  ``pytorch_lightning``) held as ``self.net``, so probe paths are ``net.**``.
+* ``models.zoo_module`` (tests/models.py) wraps an entry's model in a LightningModule; this module needs no
+  Lightning, so the research scripts import it as ``tests.zoo`` (``python -m benchmarks.zoo_research``).
 * :class:`Oracle` — forward hooks on every module that record each CALL (a module called twice per step gives
   two records, named ``path`` then ``path#1``, ``path#2``...) in execution order, with tensor hooks on the
   outputs for d loss / d output in backward order. It answers "first non-finite activation call in forward
@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["ZooEntry", "ZOO", "ZOO_FAST", "BUG_MODELS", "make_batches", "make_loader", "compute_loss",
-           "make_optimizer", "lit_module", "make_trainer", "Oracle", "CallRecord", "StepRecord", "StepClock",
+           "make_optimizer", "Oracle", "CallRecord", "StepRecord", "StepClock",
            "inject_nan", "kill_block", "train_plain", "deep_tanh_mlp", "deep_sigmoid_stack", "RELU_LIKE",
            "RELU_LIKE_NAMES", "proposed_dead_rule", "NAN_AT", "NAN_STEP", "KILL_AT", "unit_dim", "vanishing_oracle"]
 
@@ -159,7 +159,7 @@ _ENTRIES = [
 ZOO: dict[str, ZooEntry] = {}
 
 #: seconds for 40 plain training steps (no probe, no oracle), one thread, on the 2-core CPU machine while other
-#: jobs ran (``python benchmarks/zoo_research.py time``); refreshed by hand. With the probe on every module inside
+#: jobs ran (``python -m benchmarks.zoo_research time``); refreshed by hand. With the probe on every module inside
 #: ``Trainer.fit`` add ~0-100% (mostly Python per hooked call: mobilenet/efficientnet/regnet have 200-340 calls).
 MEASURED: dict[str, float] = {
     "resnet18": 9.1, "mobilenet_v3_small": 2.2, "efficientnet_b0": 10.9, "convnext_tiny": 12.6,
@@ -283,74 +283,6 @@ def make_loader(entry: ZooEntry, n_batches: int = 8, seed: int = 0) -> DataLoade
     return DataLoader(_ListDataset(make_batches(entry, n_batches, seed)), batch_size=None, shuffle=False)
 
 
-# ---------------------------------------------------------------------------------------- lightning wrap
-_LIT_CLASSES: dict[str, type] = {}
-
-
-def _lightning(backend: str) -> Any:
-    if backend == "lightning":
-        import lightning.pytorch as pl
-    elif backend == "pytorch_lightning":
-        import pytorch_lightning as pl
-    else:
-        raise ValueError(f"backend must be 'lightning' or 'pytorch_lightning', not {backend!r}")
-    return pl
-
-
-def _lit_class(backend: str) -> type:
-    if backend in _LIT_CLASSES:
-        return _LIT_CLASSES[backend]
-    pl = _lightning(backend)
-
-    class ZooModule(pl.LightningModule):
-        """A zoo model as ``self.net``; ``step_listeners`` are called with ``global_step`` at the start of each
-        training step (the oracle and the bug injections use them)."""
-
-        def __init__(self, entry: ZooEntry, net: nn.Module | None = None) -> None:
-            super().__init__()
-            self.entry = entry
-            self.net = net if net is not None else entry.build()
-            self.losses: list[float] = []
-            self.step_listeners: list[Callable[[int], None]] = []
-
-        def forward(self, x: torch.Tensor) -> Any:
-            return self.net(x)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            for fn in self.step_listeners:
-                fn(int(self.global_step))
-            x, y = batch
-            loss = compute_loss(self.entry, self.net, x, y)
-            self.losses.append(float(loss.detach()))
-            return loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return make_optimizer(self.entry, self.parameters())
-
-    ZooModule.__name__ = ZooModule.__qualname__ = f"ZooModule_{backend}"
-    _LIT_CLASSES[backend] = ZooModule
-    return ZooModule
-
-
-def lit_module(entry: ZooEntry, backend: str = "lightning", net: nn.Module | None = None, seed: int = 0) -> Any:
-    """The entry's model (built under ``torch.manual_seed(seed)`` unless ``net`` is given) in a LightningModule
-    of ``backend`` (``"lightning"`` -> ``lightning.pytorch``, ``"pytorch_lightning"``)."""
-    if net is None:
-        torch.manual_seed(seed)
-        net = entry.build()
-    return _lit_class(backend)(entry, net)
-
-
-def make_trainer(backend: str, root: Any, steps: int, callbacks: Sequence[Any] = (), **kw: Any) -> Any:
-    pl = _lightning(backend)
-    args: dict[str, Any] = dict(default_root_dir=str(root), accelerator="cpu", devices=1, max_steps=steps,
-                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                                log_every_n_steps=10, deterministic=False)
-    args.update(kw)
-    return pl.Trainer(callbacks=list(callbacks), **args)
-
-
 # --------------------------------------------------------------------------------------------- oracle
 #: module types whose output is >= 0 and whose gradient is zero exactly where the output is 0 ("never positive"
 #: means "never passes a gradient"): the only ones the proposed dead rule judges.
@@ -359,7 +291,7 @@ RELU_LIKE_NAMES = tuple(t.__name__ for t in RELU_LIKE)
 
 
 def proposed_dead_rule(n_units: int, fraction: float) -> bool:
-    """The dead rule proposed from the zoo (``/tmp/zoo_report.md``), for ReLU-like outputs only: more than half
+    """The dead rule proposed from the zoo (``benchmarks/zoo_research.py evaluate``), for ReLU-like outputs only: more than half
     of the units never positive over the window in a layer of >= 16 units; >= 90% in a layer of 4-15 units
     (RegNet-Y's 8-unit squeeze-excitation bottleneck has 4-5 of 8 units dead in healthy runs)."""
     if n_units < 4:
