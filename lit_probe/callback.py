@@ -64,20 +64,16 @@ class ProbeCallback:
         gradcam_layers: Grad-CAM maps of the first ``num_samples`` images for these layers at figure steps.
         figure_wait_s: seconds the end of fit waits for figures still being drawn (``None``: all of them).
         param_scope: ``"own"`` (a module's own parameters) or ``"recursive"`` (its whole subtree's).
-        every_n_steps: deprecated name of ``full_stats_every_n_steps``.
-        mode: deprecated name of ``figure_files``.
-        flight_recorder_steps: deprecated name of ``history_csv_steps``.
+        every_n_steps, mode, flight_recorder_steps: deprecated names (see above).
 
     Raises:
         ProbeConfigError: an invalid argument (at construction); when fit starts, a probe path that matches no
             module (naming the closest real paths), nothing to probe, or an unsupported strategy.
 
-    **Streams.** A module called several times per step gives one stream per call: ``layer1.0.relu`` and
-    ``layer1.0.relu#1``, up to 4 (later calls merge into the last).
-
-    **Logged metrics** (every logger, at log steps): ``probe/<stream>/act_rms``, ``act_mean``, ``act_absmax``,
-    ``act_zero_fraction``, ``act_nonfinite``, ``dead_fraction``, ``grad_rms``, ``grad_mean``, ``grad_absmax``,
-    ``grad_nonfinite``; ``probe/<layer>/weight_norm``, ``param_grad_norm``, ``update_ratio``; ``val_act_*``.
+    **Streams**: a module called several times per step gives one stream per call (``layer1.0.relu``,
+    ``layer1.0.relu#1``, up to 4). **Logged** at log steps: ``probe/<stream>/act_rms``, ``act_mean``, ``act_absmax``,
+    ``act_zero_fraction``, ``act_nonfinite``, ``dead_fraction``, ``grad_*``, ``probe/<layer>/weight_norm``,
+    ``param_grad_norm``, ``update_ratio``, ``val_act_*``.
 
     Attributes:
         config: the options (:class:`~lit_probe.config.ProbeConfig`; its fields read as attributes here too).

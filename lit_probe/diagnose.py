@@ -35,12 +35,21 @@ MIN_UNITS = 4
 
 __all__ = ["Thresholds", "Diagnosis", "ParamModules", "diagnose", "alarm_bounds", "find_nonfinite",
            "find_exploding", "find_vanishing", "find_dead", "find_param_nonfinite", "find_not_learning",
-           "find_lr_too_high"]
+           "find_lr_too_high", "dead_units"]
 
 _DEFAULT_DEAD_FRACTION = 0.5
 
 #: The update-ratio rules need at least this many modules with a measured ratio at a step (a median).
 MIN_PARAM_MODULES = 3
+#: A module whose weights start at (near) zero: at its first measured step ``||W|| == 0``, or its update ratio
+#: is above this (its weights are below 1/100 of that step's update: a zero-initialised bias, a LayerScale).
+ZERO_START_RATIO = 100.0
+#: ... has its update ratio judged (and counted in the medians) only from this many steps after that step on:
+#: before, its weights are the sum of its first few updates and the ratio is about 1/t by construction.
+ZERO_START_STEPS = 10
+#: The largest float32 sum of squares is 3.4e38: a float32 L2 norm overflows to inf beyond about this, even when
+#: every element is finite.
+FLOAT32_NORM_MAX = 1.8446744e19
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,10 @@ class Diagnosis:
     #: parameter rules: findings active per (module, kind); consecutive measured steps per (module, rule)
     param_active: set = field(default_factory=set)
     param_runs: dict = field(default_factory=dict)
+    #: modules whose first measured step was seen; of those, the ones whose weights started at (near) zero, with
+    #: that step (their update ratio is not judged before ``ZERO_START_STEPS`` steps later)
+    param_seen: set = field(default_factory=set)
+    param_zero_start: dict = field(default_factory=dict)
 
     def copy(self) -> "Diagnosis":
         return copy.deepcopy(self)
@@ -192,7 +205,10 @@ class Diagnosis:
                 "small": {int(s): int(v) for s, v in self.small.items()},
                 "skipped_steps": [int(x) for x in self.skipped_steps],
                 "param_active": [[int(m), k] for m, k in sorted(self.param_active)],
-                "param_runs": [[int(m), k, int(v)] for (m, k), v in sorted(self.param_runs.items())]}
+                "param_runs": [[int(m), k, int(v)] for (m, k), v in sorted(self.param_runs.items())],
+                "version": 2,
+                "param_seen": sorted(int(m) for m in self.param_seen),
+                "param_zero_start": {int(m): int(v) for m, v in self.param_zero_start.items()}}
 
     @classmethod
     def from_state(cls, state: Mapping) -> "Diagnosis":
@@ -203,7 +219,10 @@ class Diagnosis:
                    param_runs={(int(m), str(k)): int(v) for m, k, v in state.get("param_runs", [])},
                    absmax={int(s): list(v) for s, v in state.get("absmax", {}).items()},
                    small={int(s): int(v) for s, v in state.get("small", {}).items()},
-                   skipped_steps=list(state.get("skipped_steps", [])))
+                   skipped_steps=list(state.get("skipped_steps", [])),
+                   # version 1 (no version key): no first steps known; a module is judged as before
+                   param_seen={int(m) for m in state.get("param_seen", [])},
+                   param_zero_start={int(m): int(v) for m, v in state.get("param_zero_start", {}).items()})
 
 
 @dataclass(frozen=True)
@@ -238,8 +257,10 @@ class ParamModules:
 def diagnose(state: Diagnosis, d: Derived, units: Mapping[int, np.ndarray] | None,
              first_seen: Mapping[int, int] | None, names: Sequence[str], signals: Sequence[str],
              dead_judged: Sequence[bool], t: Thresholds,
-             params: ParamModules | None = None) -> tuple[Diagnosis, list[Finding]]:
-    """Run every detector over the rows of ``d`` (and the unit windows at its last step).
+             params: ParamModules | None = None,
+             unit_steps: Mapping[int, Sequence[int]] | None = None) -> tuple[Diagnosis, list[Finding]]:
+    """Run every detector over the rows of ``d`` (and the unit windows at its last step; ``unit_steps``: the
+    steps each unit slot was measured on, see :func:`find_dead`).
 
     Returns:
         the new state and the new findings, ordered by step, then activation, gradient, parameter, then the
@@ -263,7 +284,7 @@ def diagnose(state: Diagnosis, d: Derived, units: Mapping[int, np.ndarray] | Non
                 st, f = detector(st, d, i, params, t)
                 out += f
     if units and len(d):
-        st, f = find_dead(st, int(d.steps[-1]), units, first_seen or {}, streams, t)
+        st, f = find_dead(st, int(d.steps[-1]), units, first_seen or {}, streams, t, unit_steps)
         out += f
     position = {}  # (step, stream, signal) -> place in that step's execution order
     for i in range(len(d)):
@@ -409,20 +430,51 @@ def find_vanishing(st: Diagnosis, d: Derived, i: int, streams: Streams,
     return st, out
 
 
+def dead_units(last: np.ndarray, step: int, first_seen: int, window: int,
+               measured: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Which units were never positive on the last ``window`` measured steps up to ``step``.
+
+    Args:
+        last: per unit, the last step it was positive (its first-seen step when it never was: a unit is never
+            called dead on fewer measured steps than the window, so that first step counts as "fired").
+        measured: the steps the units were measured on (ascending); ``None``: every step from ``first_seen``.
+
+    Returns:
+        ``(dead, dead_from, seen)``: the dead mask, per unit the step from which it is dead (``inf``: not dead
+        yet), and whether the window has been measured (``window + 1`` measured steps since ``first_seen``:
+        before, no verdict).
+    """
+    last = np.maximum(np.asarray(last, np.float64), first_seen)
+    if measured is None:
+        dead_from = last + window
+        seen = step - first_seen >= window
+    else:
+        obs = np.asarray(measured, np.float64)
+        obs = obs[obs <= step]
+        j = np.searchsorted(obs, last, side="right") + window - 1  # the window-th measured step after `last`
+        dead_from = obs[np.minimum(j, len(obs) - 1)] if len(obs) else np.full(last.shape, np.inf)
+        dead_from = np.where(j < len(obs), dead_from, np.inf)
+        seen = len(obs) >= window + 1
+    return dead_from <= step, dead_from, bool(seen)
+
+
 def find_dead(st: Diagnosis, step: int, units: Mapping[int, np.ndarray], first_seen: Mapping[int, int],
-              streams: Streams, t: Thresholds) -> tuple[Diagnosis, list[Finding]]:
-    """ReLU-like units never positive over the window: at least ``dead_fraction`` of them, or
-    ``dead_fraction_small`` in a stream of fewer than 16 units; streams of fewer than ``dead_min_units`` units are
-    not judged. Requires: the per-unit last-fired steps."""
+              streams: Streams, t: Thresholds,
+              unit_steps: Mapping[int, Sequence[int]] | None = None) -> tuple[Diagnosis, list[Finding]]:
+    """ReLU-like units never positive on the last ``dead_window`` measured steps: at least ``dead_fraction`` of
+    them, or ``dead_fraction_small`` in a stream of fewer than 16 units; streams of fewer than ``dead_min_units``
+    units are not judged. Requires: the per-unit last-fired steps and, in ``unit_steps``, the steps the units
+    were measured on (the session measures the judged streams on every step they run; without it, every step
+    from the first seen one is taken as measured). No verdict before ``dead_window + 1`` measured steps."""
     out = []
     for s, last in units.items():
         if s >= len(streams.dead_judged) or not streams.dead_judged[s] or last.size < t.dead_min_units:
             continue
         fs = first_seen.get(s, step)
-        if step - fs + 1 < t.dead_window:
-            continue  # the window has not been seen yet: no verdict, no dead fraction
-        dead_from = np.maximum(last, fs) + t.dead_window
-        dead = dead_from <= step
+        measured = None if unit_steps is None else unit_steps.get(s)
+        dead, dead_from, seen = dead_units(last, step, fs, t.dead_window, measured)
+        if not seen:
+            continue  # the window has not been measured yet: no verdict, no dead fraction
         frac = float(dead.mean())
         st.dead_latest[s] = frac
         key = (s, "dead")
@@ -432,11 +484,18 @@ def find_dead(st: Diagnosis, step: int, units: Mapping[int, np.ndarray], first_s
             if key not in st.active:
                 st.active.add(key)
                 k = max(1, math.ceil(thr * last.size))
-                when = min(int(np.sort(dead_from)[k - 1]), step)
-                since = max(when - t.dead_window, 0)
+                when = int(min(np.sort(dead_from)[k - 1], step))
+                if measured:
+                    obs = [x for x in measured if x <= when]
+                    since = int(obs[max(len(obs) - t.dead_window, 0)]) if obs else max(when - t.dead_window + 1, 0)
+                else:
+                    since = max(when - t.dead_window + 1, 0)
+                every = measured is None or (len(measured) and measured[-1] - measured[0] + 1 == len(measured))
+                on = "steps" if every else "steps it ran"
                 out.append(streams.emit(s, "dead", when, frac, thr,
                                         f"`{streams.names[s]}`: {frac:.0%} of its {last.size} units were never "
-                                        f"positive over {t.dead_window} steps (dead from step {when}).",
+                                        f"positive on the last {t.dead_window} {on} (measured on each; dead from "
+                                        f"step {when}).",
                                         "dead_fraction", {"units": int(last.size), "dead_units": int(dead.sum()),
                                                          "since": since}))
         else:
@@ -452,16 +511,48 @@ def _param_column(d: Derived, i: int, stat: str) -> np.ndarray:
 
 def find_param_nonfinite(st: Diagnosis, d: Derived, i: int, pm: ParamModules,
                          t: Thresholds) -> tuple[Diagnosis, list[Finding]]:
-    """Non-finite weights (before the step's update) or parameter gradients: the first module in module order,
-    at the exact step. Requires: weight and gradient norms (every optimizer step). Gradients of a step the
-    GradScaler skipped are not judged."""
+    """Non-finite weights (before the step's update) or parameter gradients, judged by their elements: a NaN
+    norm (only a NaN element makes a sum of squares NaN) or a non-finite largest |element|; the first module in
+    module order, at the exact step. A float32 norm that overflows to inf while every element is finite (the
+    sum of squares passes 3.4e38: elements beyond ~1e19) is not non-finite: it is reported as ``exploding``
+    (value: the largest |element|). Requires: weight and gradient norms and max-abs (every optimizer step).
+    Gradients of a step the GradScaler skipped are not judged."""
     out = []
-    for key, stat, what in (("weight", "weight_norm", "weights"), ("param_grad", "param_grad_norm",
-                                                                    "parameter gradients")):
+    step = int(d.steps[i])
+    assert d.params is not None
+    has_absmax = d.params.shape[-1] >= len(PARAM_STATS)
+    for key, stat, amax_stat, what in (("weight", "weight_norm", "weight_absmax", "weights"),
+                                       ("param_grad", "param_grad_norm", "param_grad_absmax", "parameter gradients")):
         v = _param_column(d, i, stat)
-        hit = [int(m) for m in np.flatnonzero(~np.isfinite(v) & _measured(d, i, stat))]
+        measured = _measured(d, i, stat)
+        if has_absmax:
+            a = _param_column(d, i, amax_stat)
+            a_measured = _measured(d, i, amax_stat)
+            with np.errstate(invalid="ignore"):
+                bad = measured & (np.isnan(v) | (a_measured & ~np.isfinite(a)))
+                # no max-abs at that step (an older writer): the norm is all there is
+                bad |= measured & ~a_measured & ~np.isfinite(v)
+                overflow = measured & a_measured & ~bad & ~np.isfinite(v) & np.isfinite(a)
+        else:
+            bad, overflow = measured & ~np.isfinite(v), np.zeros(len(v), bool)
+        hit = [int(m) for m in np.flatnonzero(bad)]
+        over = [int(m) for m in np.flatnonzero(overflow)]
         if key == "param_grad" and _skipped(d, i):
-            hit = []
+            hit, over = [], []
+        when = "before that step's update" if key == "weight" else "unscaled, before clipping"
+        okey = key + "_overflow"
+        if not over:
+            st.nonfinite_active[okey] = False
+        elif not st.nonfinite_active.get(okey):
+            st.nonfinite_active[okey] = True
+            first, others = over[0], [pm.names[m] for m in over[1:]]
+            big = float(a[first])
+            msg = (f"`{pm.names[first]}` {what} are exploding at step {step} ({when}): their float32 norm "
+                   f"overflows (the sum of squares passes 3.4e38, a norm beyond {FLOAT32_NORM_MAX:.3g}); the largest "
+                   f"|element| is {big:.3g}, finite (not NaN/Inf)")
+            msg += f"; also in {len(others)} later module(s): {listed(others, 5)})" if others else ""
+            out.append(pm.emit(first, "exploding", step, big, FLOAT32_NORM_MAX, msg + ".",
+                               amax_stat, {"downstream": others, "norm": "overflow"}))
         if not hit:
             st.nonfinite_active[key] = False
             continue
@@ -469,9 +560,7 @@ def find_param_nonfinite(st: Diagnosis, d: Derived, i: int, pm: ParamModules,
             continue
         st.nonfinite_active[key] = True
         first, others = hit[0], [pm.names[m] for m in hit[1:]]
-        step = int(d.steps[i])
-        when = "before that step's update" if key == "weight" else "unscaled, before clipping"
-        msg = f"Non-finite {what} (NaN/Inf) in `{pm.names[first]}` at step {step} ({when}"
+        msg = f"Non-finite {what} (NaN/Inf elements) in `{pm.names[first]}` at step {step} ({when}"
         msg += f"; also in {len(others)} later module(s): {listed(others, 5)})" \
             if others else ")"
         # value: how many modules (a number in every sink: W&B tables need one type per column)
@@ -479,6 +568,27 @@ def find_param_nonfinite(st: Diagnosis, d: Derived, i: int, pm: ParamModules,
                            "nonfinite_weights" if key == "weight" else "nonfinite_param_grads",
                            {"downstream": others}))
     return st, out
+
+
+def _zero_start(st: Diagnosis, d: Derived, i: int) -> np.ndarray:
+    """Per module, whether its update ratio is not judged at row ``i``: its weights started at (near) zero
+    (``||W|| == 0``, or a ratio above ``ZERO_START_RATIO``, at its first measured step) less than
+    ``ZERO_START_STEPS`` steps ago. Updates the state at each module's first measured step (idempotent)."""
+    w = _param_column(d, i, "weight_norm")
+    r = _param_column(d, i, "update_ratio")
+    step = int(d.steps[i])
+    for m in np.flatnonzero(np.isfinite(w)):
+        m = int(m)
+        if m in st.param_seen:
+            continue
+        st.param_seen.add(m)
+        if w[m] == 0 or (r[m] == r[m] and r[m] > ZERO_START_RATIO):
+            st.param_zero_start[m] = step
+    young = np.zeros(len(w), bool)
+    for m, since in st.param_zero_start.items():
+        if m < len(young) and step < since + ZERO_START_STEPS:
+            young[m] = True
+    return young
 
 
 def _measured(d: Derived, i: int, stat: str) -> np.ndarray:
@@ -502,7 +612,7 @@ def find_not_learning(st: Diagnosis, d: Derived, i: int, pm: ParamModules,
     gradient reaches it: dead units after it), not judged. Requires: update ratios (full steps), gradient norms."""
     r = _param_column(d, i, "update_ratio")
     g = _param_column(d, i, "param_grad_norm")
-    ok = np.isfinite(r)
+    ok = np.isfinite(r) & ~_zero_start(st, d, i)
     if ok.sum() < MIN_PARAM_MODULES or _skipped(d, i):
         return st, []
     med = float(np.median(r[ok]))
@@ -540,7 +650,11 @@ def find_lr_too_high(st: Diagnosis, d: Derived, i: int, pm: ParamModules,
     ``lr_group_spread`` x the median of the modules outside its group on ``lr_group_window`` steps in a row.
     Requires: update ratios (full steps) and each module's group and learning rate."""
     r = _param_column(d, i, "update_ratio")
-    ok = np.isfinite(r)
+    young = _zero_start(st, d, i)
+    for m in np.flatnonzero(young & np.isfinite(r)):  # started at zero, recently: runs do not start yet
+        _run(st, int(m), "lr_abs", False)
+        _run(st, int(m), "lr_group", False)
+    ok = np.isfinite(r) & ~young
     if not ok.any() or _skipped(d, i):
         return st, []
     step = int(d.steps[i])

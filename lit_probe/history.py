@@ -12,14 +12,18 @@ import numpy as np
 
 from .stats import COLUMNS, HostRows
 
-__all__ = ["STATS", "PARAM_STATS", "History", "Derived", "derive"]
+__all__ = ["STATS", "PARAM_STATS", "LOGGED_PARAM_STATS", "History", "Derived", "derive"]
 
 #: Per-step statistics kept for every (layer, signal). NaN means "not measured at that step".
 STATS = ("calls", "count", "nonfinite", "zero_fraction", "mean", "rms", "absmax", "min", "max", "l2", "full",
          "skipped")
 #: Per-step statistics of every module with parameters (NaN: not measured at that step). The update ratio is
-#: ``||W_after - W_before|| / ||W_before||`` of the optimizer step (full-statistics steps).
-PARAM_STATS = ("weight_norm", "param_grad_norm", "update_ratio")
+#: ``||W_after - W_before|| / ||W_before||`` of the optimizer step (full-statistics steps). The norms are float32:
+#: ``inf`` when the sum of squares overflows (elements beyond ~1.8e19) even where every element is finite; the
+#: ``*_absmax`` statistics (largest |element|, every optimizer step) cannot overflow and say which it is.
+PARAM_STATS = ("weight_norm", "param_grad_norm", "update_ratio", "weight_absmax", "param_grad_absmax")
+#: The parameter statistics logged as scalars (``<module>/<stat>``).
+LOGGED_PARAM_STATS = ("weight_norm", "param_grad_norm", "update_ratio")
 _I = {name: i for i, name in enumerate(STATS)}
 _C = {name: i for i, name in enumerate(COLUMNS)}
 
@@ -34,7 +38,7 @@ class Derived:
         self.values = values
         self.order = order
         self.params = params
-        self.params_measured = params_measured  # [n, modules, 3] where each parameter column was measured
+        self.params_measured = params_measured  # [n, modules, len(PARAM_STATS)] where each was measured
 
     def get(self, stat: str) -> np.ndarray:
         return self.values[:, :, _I[stat]]
@@ -91,12 +95,16 @@ def derive_params(sq: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | tupl
     if sq is None:
         return None, None
     sq = sq.astype(np.float64)
+    if sq.shape[-1] < len(PARAM_STATS):  # rows without the max-abs columns: not measured
+        sq = np.concatenate([sq, np.full(sq.shape[:-1] + (len(PARAM_STATS) - sq.shape[-1],), -1.0)], axis=-1)
     measured = sq != -1.0
     with np.errstate(all="ignore"):
-        norms = np.sqrt(np.where(measured, sq, np.nan))
+        norms = np.sqrt(np.where(measured[..., :3], sq[..., :3], np.nan))
         w, d = norms[..., 0], norms[..., 2]
-        ratio = np.where(w > 0, d / w, np.nan)  # zero weights (a zero-initialised head): not a ratio
-    return np.stack([w, norms[..., 1], ratio], axis=-1), measured
+        # zero weights (a zero-initialised head): not a ratio; nor an overflowed float32 norm (inf)
+        ratio = np.where((w > 0) & np.isfinite(w) & np.isfinite(d), d / w, np.nan)
+        absmax = np.where(measured[..., 3:], sq[..., 3:], np.nan)
+    return np.concatenate([np.stack([w, norms[..., 1], ratio], axis=-1), absmax], axis=-1), measured
 
 
 def nonfinite_flags(d: Derived) -> np.ndarray:

@@ -98,7 +98,7 @@ class ProbeOutput:
         self.disk = DiskSink(self.out_dir, mode=cfg.figure_files, max_versions=cfg.max_versions)  # type: ignore[arg-type]
         n = self.max_figure_layers if self.max_figure_layers is not None else 256
         self.renderer = FigureRenderer([self.disk] + sinks, figures=self.figure_kinds, max_channels=cfg.max_channels,
-                                       max_queue=2 * (n + 8) + 2)
+                                       max_queue=2 * (n + 8) + 2, wait_when_full=cfg.figure_wait_s is None)
 
     # ------------------------------------------------------------------ verbs
     def say(self, msg: str) -> None:
@@ -163,14 +163,22 @@ class ProbeOutput:
                 self.say(f"lit_probe: could not push findings to W&B ({err}).")
         self._findings_pushed = len(everything)
 
-    def figures(self, step: int, snapshots: Sequence[Any], with_findings: set[str]) -> None:
-        """Queue the figures of one figure step: the streams with findings, then up to ``max_figure_layers``
-        others spread over the model; what is not drawn is said once."""
+    def figures(self, step: int, snapshots: Sequence[Any], with_findings: set[str], *,
+                explain: Sequence[str] = (), only_explain: bool = False) -> None:
+        """Queue the figures of one figure step: first the streams in ``explain`` (they explain a finding: each
+        incident's cause first, then its other streams; never dropped for a full queue, see
+        :meth:`~lit_probe.render.FigureRenderer.submit_layer`), then the other streams with findings, then up to
+        ``max_figure_layers`` others spread over the model (none with ``only_explain``); what is not drawn is said
+        once."""
         if self.renderer is None or not snapshots:
             return
-        for snap in self._pick(snapshots, lambda s: s.name, with_findings):
+        rank = {name: k for k, name in enumerate(explain)}
+        first = sorted((s for s in snapshots if s.name in rank), key=lambda s: rank[s.name])
+        rest = [] if only_explain else self._pick([s for s in snapshots if s.name not in rank], lambda s: s.name,
+                                                  with_findings)
+        for snap in first + rest:
             self.renderer.submit_layer(step, snap.name, snap.activation, snap.gradient, snap.dead,
-                                       layout=snap.layout, shape=snap.shape)
+                                       layout=snap.layout, shape=snap.shape, priority=snap.name in rank)
 
     def parameters(self, step: int, hists: Mapping[str, tuple[Any, Any]], numel: Mapping[str, int],
                    with_findings: set[str]) -> None:

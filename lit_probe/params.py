@@ -7,8 +7,9 @@ of the optimizer's update, measured around each optimizer step with fused multi-
 to the :class:`~lit_probe.stats.StatBuffer`'s parameter ring (same row, same one copy per log step).
 
 * :meth:`ParamWatch.before_step` (Lightning's ``on_before_optimizer_step``: gradients unscaled under AMP, before
-  clipping): ``||W||`` and ``||grad||`` of the optimizer's probed parameters, every step; on full-statistics
-  steps also a copy of those parameters.
+  clipping): ``||W||`` and ``||grad||`` of the optimizer's probed parameters, and the largest ``|element|`` of
+  both (one more fused call, ``ord=inf``: it cannot overflow, so it tells a float32 norm that overflowed from
+  a NaN/Inf element), every step; on full-statistics steps also a copy of those parameters.
 * after the step (a ``register_step_post_hook`` on each optimizer, so it also runs under manual optimisation and
   with several optimizers): ``||W_after - W_before||`` from that copy, which is freed at once.
 
@@ -30,7 +31,7 @@ from .stats import PARAM_COLUMNS, StatBuffer
 __all__ = ["ParamWatch", "PARAM_SCOPES"]
 
 PARAM_SCOPES = ("own", "recursive")
-_W, _G, _D = range(len(PARAM_COLUMNS))
+_W, _G, _D, _WMAX, _GMAX = range(len(PARAM_COLUMNS))
 #: Values per module copied for the parameter histograms of a figure step.
 HIST_VALUES = 20000
 
@@ -181,15 +182,27 @@ class ParamWatch:
         else:
             wn = torch._foreach_norm(params)  # under no_grad: no graph, no detach per tensor
         has_grad = np.array([p.grad is not None for p in params])
-        self._add(plan, _W, _stack(wn), np.ones(len(params), bool), device)
-        if has_grad.any():
-            grads = [p.grad for p in params if p.grad is not None]
-            if any(g.is_sparse or g.device != device for g in grads):
+        every = np.ones(len(params), bool)
+        self._add(plan, _W, _stack(wn), every, device)
+        grads = [p.grad for p in params if p.grad is not None]
+        fused = plan.one_device and not any(g.is_sparse or g.device != device for g in grads)
+        if grads:
+            if not fused:
                 gn = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g).to(device)
                       for g in grads]
             else:
                 gn = torch._foreach_norm(grads)
             self._add(plan, _G, self._spread(plan, _stack(gn), has_grad, device), has_grad, device)
+        # the largest |element| of weights and gradients, in one fused call: finite exactly when the elements are
+        if fused:
+            mx = _stack(torch._foreach_norm(list(params) + grads, ord=float("inf")))
+        else:
+            mx = _stack([torch.linalg.vector_norm(x.coalesce().values() if x.is_sparse else x.detach(),
+                                                  ord=float("inf")).to(device) for x in list(params) + grads])
+        self._add(plan, _WMAX, mx[:len(params)], every, device, square=False)
+        if grads:
+            self._add(plan, _GMAX, self._spread(plan, mx[len(params):], has_grad, device), has_grad, device,
+                      square=False)
         if full and has_grad.any():
             plan.copied = [k for k in np.flatnonzero(has_grad)]
             plan.before = torch._foreach_mul([params[k] for k in plan.copied], 1.0)  # fused copy
@@ -208,12 +221,14 @@ class ParamWatch:
         return out.index_copy_(0, idx[0], values)
 
     def _add(self, plan: _Plan, column: int, norms: torch.Tensor, measured: np.ndarray,
-             device: torch.device) -> None:
-        """Add the squared ``norms`` (one per unique parameter, those ``measured``) to their modules' rows."""
+             device: torch.device, square: bool = True) -> None:
+        """Add the squared ``norms`` (one per unique parameter, those ``measured``) to their modules' rows (with
+        ``square=False``, the values themselves: the max-abs columns, combined by a maximum)."""
         keep = measured[plan.pair_param]
         if keep.any():
             pidx, midx, mods = self._index(plan, keep, device)
-            self.buffer.observe_params(column, midx, mods, norms.float().square()[pidx])
+            values = norms.float().square() if square else norms.float()
+            self.buffer.observe_params(column, midx, mods, values[pidx])
 
     @torch.no_grad()
     def _post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:

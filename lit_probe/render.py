@@ -84,7 +84,7 @@ class SkippedFigure:
 
 
 _RUNTIME = ("_lock", "_cond", "_inflight", "_delivering", "_outbox", "_next_id", "_pid", "_proc", "_sender",
-            "_drawer", "_threads", "_stopping", "_child_ready", "_local", "_active")
+            "_drawer", "_threads", "_stopping", "_child_ready", "_local", "_active", "_priority")
 
 
 class FigureRenderer:
@@ -121,6 +121,7 @@ class FigureRenderer:
         dpi: int = 100,
         bins: int = 60,
         backend: str = "process",
+        wait_when_full: bool = False,
     ) -> None:
         figures = tuple(figures)
         unknown = [f for f in figures if f not in FIGURE_KINDS]
@@ -139,6 +140,7 @@ class FigureRenderer:
         self.dpi = int(dpi)
         self.bins = int(bins)
         self.backend = backend
+        self.wait_when_full = bool(wait_when_full)
         #: jobs refused because the queue was full, or cancelled by :meth:`close`.
         self.dropped = 0
         #: jobs finished (drawn and written, or failed).
@@ -160,6 +162,7 @@ class FigureRenderer:
         self._inflight: dict[int, Job] = {}
         self._delivering: set[int] = set()
         self._outbox: collections.deque[Job] = collections.deque()  # not yet sent to the child / drawn
+        self._priority: set[int] = set()  # ids of jobs that explain a finding: never refused or evicted
         self._next_id = 0
         self._pid = os.getpid()
         self._proc: Any = None
@@ -202,6 +205,7 @@ class FigureRenderer:
         *,
         layout: str = "auto",
         shape: Sequence[int] | None = None,
+        priority: bool = False,
     ) -> bool:
         """Queue the figures of one layer at one step (arrays are copied now).
 
@@ -217,6 +221,9 @@ class FigureRenderer:
                 the units (a 3-D ``"auto"`` or ``"channels_last"`` snapshot is ``[n, T, F]``,
                 ``"channels_first"`` ``[n, C, L]``).
             shape: the full tensor's shape: titles say which part of it a figure shows.
+            priority: the figures explain a finding: never refused for a full queue; when the queue is full, the
+                newest routine job not yet drawn makes room (it is listed as not drawn), and priority jobs are
+                drawn before every routine job not yet handed to the drawing process.
 
         Returns:
             ``True`` when a job was queued; ``False`` when refused (queue full: listed in :attr:`skipped`) or
@@ -235,7 +242,7 @@ class FigureRenderer:
                 or k == "histograms"]
         if not figs:
             return False
-        return self._submit("layer", (step, layer, act, grad, dmask, layout, shp, kinds), figs)
+        return self._submit("layer", (step, layer, act, grad, dmask, layout, shp, kinds), figs, priority=priority)
 
     def submit_timeline(
         self,
@@ -320,23 +327,47 @@ class FigureRenderer:
         return self._submit("gradcam", (step, layer, ov, labs), [(layer, "gradcam", step)])
 
     def _submit(self, kind: str, args: tuple, figures: list[tuple[str, str, int]],
-                urgent: bool = False) -> bool:
+                urgent: bool = False, priority: bool = False) -> bool:
         self._check_fork()
         with self._lock:
-            if len(self._inflight) >= self.max_queue and not urgent:
-                self.dropped += 1
-                self._skip_locked(figures, "queue full")
-                return False
+            if len(self._inflight) >= self.max_queue and not (urgent or priority):
+                if not self.wait_when_full:
+                    self.dropped += 1
+                    self._skip_locked(figures, "queue full")
+                    return False
+                # nothing may be dropped (figure_wait_s=None): the training thread waits for room
+                while len(self._inflight) >= self.max_queue and not self._stopping:
+                    self._cond.wait(timeout=1.0)
+            if priority and len(self._inflight) >= self.max_queue and not self.wait_when_full:
+                self._evict_routine_locked()  # (when nothing may be dropped, the queue grows instead)
             job = Job(self._next_id, kind, args, figures)
             self._next_id += 1
             self._inflight[job.id] = job
             if urgent:
                 self._outbox.appendleft(job)
+            elif priority:  # after the priority jobs already waiting, before every routine one
+                self._priority.add(job.id)
+                ahead = next((k for k, j in enumerate(self._outbox) if j.id not in self._priority),
+                             len(self._outbox))
+                self._outbox.insert(ahead, job)
             else:
                 self._outbox.append(job)
             self._ensure_thread_locked()
             self._cond.notify_all()
         return True
+
+    def _evict_routine_locked(self) -> None:
+        """Make room for a priority job: the newest routine job not yet handed to the drawing process goes (and
+        is listed as not drawn, "queue full"); with none waiting, the queue grows by one."""
+        for k in range(len(self._outbox) - 1, -1, -1):
+            job = self._outbox[k]
+            if job.id in self._priority or job.kind == "timeline":
+                continue
+            del self._outbox[k]
+            self._inflight.pop(job.id, None)
+            self.dropped += 1
+            self._skip_locked(job.figures, "queue full")
+            return
 
     # -- waiting and closing ---------------------------------------------------------------------
     @property

@@ -116,6 +116,7 @@ class ProbeRun:
         self._prev: Optional[int] = None  # the last completed step
         self._figure_step: Optional[int] = None
         self._capture_next = False
+        self._explain: list[str] = []  # streams of findings whose figures are not drawn yet (drawn with priority)
         self._recording = False
         self._gradcam: list[str] = []
         self._gc_images: Any = None
@@ -329,10 +330,13 @@ class ProbeRun:
                 if failed and self._recording:  # the failed step's figures, if it showed the failure
                     s.sentinel_alarm(self.config.thresholds.exploding_absmax)
                 self._read(s.step, final=True)
-            never = s.never_fired() if s.step >= 0 else []
+            # a container without a forward of its own (ModuleList, ModuleDict) is never called, by design
+            callable_ = {n for n, m in zip(s.names, s.modules) if type(m).forward is not nn.Module.forward}
+            never = [n for n in s.never_fired() if n in callable_] if s.step >= 0 else []
             if never and not failed:
                 out.say(f"lit_probe: {len(never)} probed layer(s) never ran during training (bypassed by a direct "
-                        f"`.forward()` call, unused, or compiled away): {', '.join(never[:10])}.")
+                        f"`.forward()` call, weights used functionally, unused, or compiled away): "
+                        f"{', '.join(never[:10])}.")
             out.close(self.findings, status="failed" if failed else "finished", never_ran=never,
                       skipped_steps=self.skipped_steps, streams=self._streams(), timeline=s.timeline(self.findings),
                       step=max(s.step, 0))
@@ -383,6 +387,7 @@ class ProbeRun:
         if new:
             self.findings.extend(new)
             out.findings(new, self.findings, step, s.history.to_csv)
+            self._explain = list(dict.fromkeys(self._explain + self._explaining(new)))
         if not self._draw_pinned() and new:
             self._capture_next = True  # no copy of the step that fired: draw the layers as they are next step
         if new and not final:
@@ -397,7 +402,8 @@ class ProbeRun:
         s, out = self.session, self.output
         assert s is not None and out is not None
         with_findings = {f.layer for f in self.findings}
-        out.figures(step, s.take_snapshots(), with_findings)
+        out.figures(step, s.take_snapshots(), with_findings, explain=self._explain)  # findings not drawn yet first
+        self._explain = []
         if s.params is not None:
             out.parameters(step, s.take_param_histograms(), dict(zip(s.params.names, s.params.numel)), with_findings)
         out.timeline(step, s.timeline(self.findings))
@@ -415,17 +421,29 @@ class ProbeRun:
 
     def _draw_pinned(self) -> bool:
         """After a read: draw the pinned figure inputs of the step that fired if a non-finite or exploding finding
-        is at that step; drop them either way (a GradScaler skip alarms without a finding)."""
+        is at that step, with priority (each incident's cause first), and the finding layers' figures of the step
+        before it (their ``_before``); drop the pins either way (a GradScaler skip alarms without a finding)."""
         s, out = self.session, self.output
         assert s is not None and out is not None
         if not s.pinned:
             return False
         at = next(iter(s.pinned))
-        snaps = s.claim_pinned(at)
-        if not any(f.step == at and f.kind in ("nonfinite", "exploding") for f in self.findings):
+        snaps, before = s.claim_pinned(at), s.claim_pinned_before()
+        fired = [f for f in self.findings if f.step == at and f.kind in ("nonfinite", "exploding")]
+        if not fired:
             return False
-        out.figures(at, snaps, {f.layer for f in self.findings})
+        explain = self._explaining(fired)
+        with_findings = {f.layer for f in self.findings}
+        if before is not None:
+            out.figures(before[0], before[1], with_findings, explain=explain, only_explain=True)
+        out.figures(at, snaps, with_findings, explain=explain)
+        self._explain = [n for n in self._explain if n not in explain]
         return True
+
+    def _explaining(self, findings: Sequence[Finding]) -> list[str]:
+        """The streams that explain ``findings``, each incident's cause first, in incident order."""
+        ordered = sorted(findings, key=lambda f: (f.incident, not f.cause, f.step))
+        return list(dict.fromkeys(f.layer for f in ordered if f.signal != "parameter"))
 
     def _streams(self) -> list[dict[str, Any]]:
         s = self.session

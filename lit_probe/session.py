@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .diagnose import Diagnosis, ParamModules, Thresholds, alarm_bounds, diagnose
+from .diagnose import Diagnosis, ParamModules, Thresholds, alarm_bounds, dead_units, diagnose
 from .findings import Finding
-from .history import PARAM_STATS, History, derive
+from .history import LOGGED_PARAM_STATS, PARAM_STATS, History, derive
 from .hooks import HookRegistry, iter_tensors, warn_once
 from .selection import resolve
 from .snapshots import device_part, snapshot_tensor, to_host
@@ -127,6 +127,8 @@ class ProbeSession:
         self.dead_judged: list[bool] = []
         self._slots: dict[tuple[int, int, str], int] = {}
         self.buffer = StatBuffer(2 * n, ring_rows)
+        # the steps each judged stream's units were measured on: enough for its dead window and a ring of rows
+        self.buffer.unit_steps_kept = max(self.buffer.unit_steps_kept, 2 * (self.thresholds.dead_window + ring_rows))
         self.params: ParamWatch | None = None
         if PARAMETER in self.signals:
             from .params import ParamWatch
@@ -162,6 +164,7 @@ class ProbeSession:
         self._record = False
         self._kept: dict[int, dict] = {}
         self.pinned: dict[int, list[LayerSnapshot]] = {}
+        self.pinned_before: tuple[int, list[LayerSnapshot]] | None = None
         # per slot, the bound the per-step alarm uses: the absolute one, or the growth rule's (exploding_growth x
         # the stream's running median of absmax) once known, so a relative explosion alarms at its step too
         self._alarm_bounds: np.ndarray | None = None
@@ -257,7 +260,9 @@ class ProbeSession:
             self.params.end_step()
         if self._record and self.recent is not None:
             self._kept[self.step] = self.recent
-            for old in sorted(self._kept)[:-2]:  # the last two steps (a GPU alarm is read a step later)
+            # the last three steps: a GPU alarm is read a step later, and the step before the alarmed one is the
+            # "before" of its figures
+            for old in sorted(self._kept)[:-3]:
                 del self._kept[old]
 
     def record_scale(self, scale: Any, end: bool) -> None:
@@ -287,16 +292,26 @@ class ProbeSession:
         else:
             self._peeked = peeked
         if alarm is not None and alarm in self._kept and not self.pinned:
-            # the first alarm since findings last claimed the pins: that step's figures, as host arrays
+            # the first alarm since findings last claimed the pins: that step's figures, and the step's before it
+            # (the "before" of a layer that had no figure yet), as host arrays
             self.pinned[alarm] = self._snapshots(self._kept.pop(alarm), alarm, device=True)
+            prev = max((k for k in self._kept if k < alarm), default=None)
+            self.pinned_before = None if prev is None else \
+                (prev, self._snapshots(self._kept[prev], prev, device=True))
         return alarm
 
     def claim_pinned(self, step: int | None = None) -> list[LayerSnapshot]:
-        """The pinned figure inputs of ``step`` (any pinned step when ``None``); every pin is dropped."""
+        """The pinned figure inputs of ``step`` (any pinned step when ``None``); every pin is dropped (see
+        :attr:`pinned_before` for the step before)."""
         pins, self.pinned = self.pinned, {}
         if step is None:
             return next(iter(pins.values()), [])
         return pins.get(step, [])
+
+    def claim_pinned_before(self) -> tuple[int, list[LayerSnapshot]] | None:
+        """``(step, snapshots)`` of the step before the pinned one (when the recorder held it); dropped."""
+        before, self.pinned_before = self.pinned_before, None
+        return before
 
     def bind_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """The parameter signal: map the probed parameters onto ``optimizers`` and hook their steps (after each
@@ -322,7 +337,7 @@ class ProbeSession:
         self.capture_samples = max(1, int(samples))
         self.capture_channels = max(1, int(channels))
         if not on:
-            self.recent, self._kept, self.pinned = None, {}, {}
+            self.recent, self._kept, self.pinned, self.pinned_before = None, {}, {}, None
 
     def request_snapshots(self, samples: int = 1, channels: int = 64) -> None:
         """Copy what the figures need (a few samples and channels per stream) during the current step."""
@@ -348,7 +363,8 @@ class ProbeSession:
         for t in iter_tensors(output):
             if self.want_act and not recompute:
                 cdim = unit_dim(self.layouts[i], t.dim()) if first else None
-                self.buffer.observe(act, t.detach(), self.full, cdim)
+                # the streams judged for dead units have their units measured on every step (one reduction)
+                self.buffer.observe(act, t.detach(), self.full, cdim, watch_units=self.dead_judged[act])
                 if self.capture is not None and first and act not in self.capture:
                     self._capture(act, i, t)
                 if self.recent is not None and first and act not in self.recent:
@@ -410,7 +426,8 @@ class ProbeSession:
             self.params.update_lrs()
             pm = ParamModules(self.params.names, self.params.groups, self.params.lrs.copy())
         self.diagnosis, new = diagnose(self.diagnosis, d, units, self.buffer.first_seen, self.slot_names,
-                                       self.slot_signals, self.dead_judged, self.thresholds, pm)
+                                       self.slot_signals, self.dead_judged, self.thresholds, pm,
+                                       unit_steps=self.buffer.unit_steps)
         self.findings.extend(new)
         self.units = units
         for row in d.order:  # forward order for activations, then backward order for gradients
@@ -453,7 +470,7 @@ class ProbeSession:
             latest = self.history.params_latest
             for m, name in enumerate(self.params.names[:latest.shape[0]]):
                 for k, stat in enumerate(PARAM_STATS):
-                    if not np.isnan(latest[m, k]):
+                    if stat in LOGGED_PARAM_STATS and not np.isnan(latest[m, k]):
                         out[f"{name}/{stat}"] = float(latest[m, k])
         return out
 
@@ -496,7 +513,7 @@ class ProbeSession:
         for slot, last in self.units.items():
             if slot < len(self.dead_judged) and self.dead_judged[slot]:
                 fs = self.buffer.first_seen.get(slot, self.step)
-                out[slot] = (np.maximum(last, fs) + W) <= self.step
+                out[slot] = dead_units(last, self.step, fs, W, self.buffer.unit_steps.get(slot))[0]
         return out
 
     def timeline(self, findings: Sequence[Finding] | None = None) -> Timeline | None:

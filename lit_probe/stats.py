@@ -15,7 +15,14 @@ Two tiers of work per observed tensor:
   feeds the dead-unit windows (activations), and the counts of non-finite and of non-zero values. The
   two counts need a written temporary, so they are taken on the first samples of the batch, at least
   ``COUNT_CAP`` elements (the whole tensor when it is smaller): zero fractions are estimated from a large
-  sample, while the non-finite *flag* (from min/max) always covers every element.
+  sample, while the non-finite *flag* (from min/max) always covers every element. The sum and the L2 norm
+  are float32 and can overflow while every element is finite: nothing judges "non-finite" by them.
+* **units** (every step, for the streams whose dead units are judged: ``observe(..., watch_units=True)``):
+  the per-unit maximum, written by one reduction straight into a small device ring ``[rows, units]`` of the
+  stream (no other kernel on the step); at a read, the ring's rows become each unit's last step with a
+  positive value (:attr:`StatBuffer.last_fired`). The host also keeps the steps on which each stream's units
+  were measured (:attr:`StatBuffer.unit_steps`), so a window is counted in measured steps. Other streams
+  track units on full steps only.
 
 Device columns of the ring buffer, per (step row, slot):
 
@@ -35,8 +42,10 @@ which slots were first seen in the step (forward order for activations, backward
 
 Parameters (the ``"parameter"`` signal) have a ring of their own in the same buffer and the same copy: per
 (step row, module that owns parameters) the sums of squares of its weights (before the optimizer step), of
-their gradients, and of the update ``W_after - W_before`` (:data:`PARAM_COLUMNS`), added by one
-``index_add_`` per optimizer step from fused multi-tensor norms (:mod:`lit_probe.params`).
+their gradients, and of the update ``W_after - W_before``, added by one ``index_add_`` per optimizer step from
+fused multi-tensor norms, and the largest absolute weight and gradient element (one fused max-abs norm, folded
+in by ``scatter_reduce_``), which cannot overflow: it says whether the elements are finite when a float32 sum of
+squares overflows (:data:`PARAM_COLUMNS`, :mod:`lit_probe.params`).
 """
 
 from __future__ import annotations
@@ -50,8 +59,13 @@ import torch
 __all__ = ["COLUMNS", "PARAM_COLUMNS", "StatBuffer", "HostRows", "pack_rows", "merge_ranks"]
 
 COLUMNS = ("nonfinite", "nonzero", "sum", "l2", "min", "max")
-#: Per (row, module with parameters): sums of squares of weights, parameter gradients and the update.
-PARAM_COLUMNS = ("weight_sq", "grad_sq", "update_sq")
+#: Per (row, module with parameters): sums of squares of weights, parameter gradients and the update (added),
+#: then the largest |weight| and |gradient| element (max over calls).
+PARAM_COLUMNS = ("weight_sq", "grad_sq", "update_sq", "weight_max", "grad_max")
+#: The parameter columns combined by a maximum (the others add).
+PARAM_MAX_COLUMNS = (3, 4)
+#: Version of :meth:`StatBuffer.state_dict` (1: no version key, no ``unit_steps``).
+STATE_VERSION = 2
 _NF, _NZ, _SUM, _L2, _MIN, _MAX = range(6)
 _FLOATS = (torch.float32, torch.float64)
 #: Elements (at least) over which the non-finite and non-zero counts are taken on full steps.
@@ -73,7 +87,7 @@ class HostRows:
     order: list[list[int]]
     counted: np.ndarray  # [n, slots] elements the counts (nonfinite, nonzero) were taken over
     scale: np.ndarray  # [n, 2] loss scale at step start / end (NaN when no scaler)
-    params: np.ndarray | None = None  # [n, modules, 3] PARAM_COLUMNS, -1 where not measured at that step
+    params: np.ndarray | None = None  # [n, modules, len(PARAM_COLUMNS)], -1 where not measured at that step
 
     def first_slots(self, k: int) -> "HostRows":
         """The rows restricted to slots ``[0, k)`` (the buffer keeps spare room for new streams)."""
@@ -106,6 +120,13 @@ class StatBuffer:
         self.last_fired: dict[int, torch.Tensor] = {}
         self.first_seen: dict[int, int] = {}
         self._bad_channels: set[int] = set()
+        # per unit slot: a device ring [rows, units] of the per-unit maximum of each step (folded into last_fired
+        # at a read), which rows hold one, and the steps on which the slot's units were measured (host)
+        self._uring: dict[int, torch.Tensor] = {}
+        self.utracked = np.zeros((self.rows, slots), dtype=bool)
+        self.unit_steps: dict[int, list[int]] = {}
+        #: measured steps kept per unit slot (the session sets it to cover its dead window and ring)
+        self.unit_steps_kept = 4096
         self.row = 0
         self.step = -1
         self._pending: list[int] = []  # rows written since the last read, oldest first
@@ -135,7 +156,7 @@ class StatBuffer:
             return
         new = max(slots, self.slots + self.slots // 2 + 8)
         grow = new - self.slots
-        for name in ("calls", "numel", "full", "counted"):
+        for name in ("calls", "numel", "full", "counted", "utracked"):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.zeros((self.rows, grow), dtype=arr.dtype)], axis=1))
         if self._buf is not None:
@@ -163,6 +184,7 @@ class StatBuffer:
         self.counted[r] = 0
         self.order[r] = []
         self.pmeasured[r] = 0
+        self.utracked[r] = False
         self.steps[r] = step
         self._pending.append(r)
         if self._buf is not None:
@@ -261,9 +283,11 @@ class StatBuffer:
         return bool((bad & ~untouched).any())
 
     # ------------------------------------------------------------------ hot path
-    def observe(self, slot: int, t: torch.Tensor, full: bool, channel_dim: int | None = None) -> None:
+    def observe(self, slot: int, t: torch.Tensor, full: bool, channel_dim: int | None = None,
+                watch_units: bool = False) -> None:
         """Reduce ``t`` into the current row. ``channel_dim`` set: also track per-unit activity on that dimension
-        (the caller asks :func:`lit_probe.vocab.unit_dim`, the one owner of the unit axis)."""
+        (the caller asks :func:`lit_probe.vocab.unit_dim`, the one owner of the unit axis), on full steps, or on
+        every step with ``watch_units`` (the streams judged for dead units: one more reduction per step)."""
         if self._buf is None:
             self._alloc(t.device)
         if not self._pending:
@@ -287,6 +311,8 @@ class StatBuffer:
         self._sent_min.append(mn)
         self._sent_max.append(mx)
         self._sent_slot.append(slot)
+        if channel_dim is not None and (full or watch_units) and slot not in self._bad_channels:
+            self._track_units(slot, t, channel_dim)
         if not full:
             return
         self.full[r, slot] += 1
@@ -307,42 +333,85 @@ class StatBuffer:
         else:
             row[_SUM] += t.sum(dtype=acc)
             torch.hypot(row[_L2], torch.linalg.vector_norm(t, dtype=acc), out=row[_L2])
-        if channel_dim is not None and slot not in self._bad_channels:
-            self._track_units(slot, t, channel_dim)
 
     def _track_units(self, slot: int, t: torch.Tensor, cdim: int) -> None:
-        # per-unit maximum: reduce the contiguous trailing dims first (fast), then the rest
-        if cdim == t.dim() - 1:
-            per_unit = t.reshape(-1, t.shape[-1]).amax(0)
-        else:
-            per_unit = t.flatten(cdim + 1).amax(-1) if t.dim() > cdim + 1 else t
-            per_unit = per_unit.reshape(-1, t.shape[cdim]).amax(0) if cdim > 0 else per_unit
+        units = t.shape[cdim] if t.dim() else 1
+        ring = self._uring.get(slot)
         last = self.last_fired.get(slot)
         if last is None:
             with torch.inference_mode(False):
-                last = torch.full((per_unit.numel(),), float(self.step), dtype=torch.float32,
-                                  device=self.device)
+                last = torch.full((units,), float(self.step), dtype=torch.float32, device=self.device)
             self.last_fired[slot] = last
             self.first_seen[slot] = self.step
-        elif last.numel() != per_unit.numel():  # the unit count changes between calls: no per-unit tracking
+            self.unit_steps[slot] = []
+        elif last.numel() != units:  # the unit count changes between calls: no per-unit tracking
             self._bad_channels.add(slot)
             self.last_fired.pop(slot, None)
+            self._uring.pop(slot, None)
+            self.unit_steps.pop(slot, None)
             return
-        # NaN is "not known", never "did not fire": a NaN step must not make every unit look dead later
-        last.masked_fill_(per_unit.le(0).logical_not_(), float(self.step))
+        if ring is None or ring.shape != (self.rows, units):
+            with torch.inference_mode(False):
+                ring = self._uring[slot] = torch.zeros((self.rows, units), dtype=torch.float32, device=self.device)
+        r = self.row
+        out = ring[r]
+        first = not self.utracked[r, slot]
+        # per-unit maximum, reduced straight into the ring row (the contiguous trailing dims first: fast)
+        target = out if first and t.dtype == torch.float32 else None
+        if t.dim() <= 1:
+            per_unit = out.copy_(t) if target is not None else t
+        elif cdim == t.dim() - 1:
+            per_unit = torch.amax(t.reshape(-1, units), 0, out=target) if target is not None else \
+                t.reshape(-1, units).amax(0)
+        else:
+            inner = t.flatten(cdim + 1).amax(-1) if t.dim() > cdim + 1 else t
+            flat = inner.reshape(-1, units)
+            per_unit = torch.amax(flat, 0, out=target) if target is not None else flat.amax(0)
+        if first and target is None:
+            out.copy_(per_unit)
+        elif not first:  # another call in the same step: the maximum of both (NaN propagates: "not known")
+            torch.maximum(out, per_unit.to(torch.float32), out=out)
+        if first:
+            self.utracked[r, slot] = True
+            steps = self.unit_steps.setdefault(slot, [])
+            if not steps or steps[-1] != self.step:
+                steps.append(self.step)
+                if len(steps) > 2 * self.unit_steps_kept:
+                    del steps[:-self.unit_steps_kept]
+
+    def _fold_units(self) -> None:
+        """Fold the ring rows written since the last read into :attr:`last_fired` (a few kernels per unit slot;
+        cold path, idempotent). NaN is "not known", never "did not fire": a NaN step must not make every unit look
+        dead later."""
+        if not self._uring or not self._pending:
+            return
+        for slot, ring in self._uring.items():
+            last = self.last_fired.get(slot)
+            rows = [r for r in self._pending if self.utracked[r, slot]]
+            if last is None or not rows:
+                continue
+            idx = torch.as_tensor(rows, device=ring.device)
+            fired = ring.index_select(0, idx).le(0).logical_not_()
+            steps = torch.as_tensor(self.steps[rows].astype(np.float32), device=ring.device)[:, None]
+            stamp = torch.where(fired, steps, torch.full_like(steps, -math.inf)).amax(0)
+            torch.maximum(last, stamp, out=last)
 
     def observe_params(self, column: int, modules: torch.Tensor, host_modules: np.ndarray,
                        squares: torch.Tensor) -> None:
         """Add ``squares[k]`` (a sum of squares, e.g. a squared fused norm) to module ``modules[k]``'s
-        ``column`` of the current row: one ``index_add_``, no host sync. ``host_modules`` is the same index on
-        the host (which modules were measured is host knowledge)."""
+        ``column`` of the current row: one ``index_add_``, no host sync (the max columns,
+        :data:`PARAM_MAX_COLUMNS`, take the maximum instead). ``host_modules`` is the same index on the host
+        (which modules were measured is host knowledge)."""
         if self._buf is None:
             self._alloc(squares.device)
         if not self._pending or self._pbuf is None:
             return
         if squares.device != self.device:
             squares = squares.to(self.device, non_blocking=True)
-        self._pbuf[self.row, :, column].index_add_(0, modules, squares.to(torch.float32))
+        if column in PARAM_MAX_COLUMNS:  # NaN propagates, as in commit()
+            self._pbuf[self.row, :, column].scatter_reduce_(0, modules, squares.to(torch.float32), "amax")
+        else:
+            self._pbuf[self.row, :, column].index_add_(0, modules, squares.to(torch.float32))
         np.add.at(self.pmeasured[self.row, :, column], host_modules, 1)
 
     def record_scale(self, scale: torch.Tensor | float | None, end: bool) -> None:
@@ -359,6 +428,7 @@ class StatBuffer:
     def read(self) -> tuple[HostRows, dict[int, np.ndarray]]:
         """Copy every row written since the last read, and the unit windows, to the host in ONE copy."""
         self.commit()
+        self._fold_units()
         rows = list(self._pending)
         n = len(rows)
         slots = self.slots
@@ -403,19 +473,29 @@ class StatBuffer:
         self._sent_min, self._sent_max, self._sent_slot = [], [], []
         self.device = None
         self.last_fired = {}
+        self._uring = {}
         self._pending = []
         self.step = -1
 
     def state_dict(self) -> dict:
-        """Unit windows as plain lists (weights_only-safe)."""
-        return {"last_fired": {int(s): t.detach().cpu().tolist() for s, t in self.last_fired.items()},
-                "first_seen": {int(s): int(v) for s, v in self.first_seen.items()}}
+        """Unit windows as plain lists (weights_only-safe), the rows not read yet folded in. Version 2 adds
+        ``unit_steps`` (the steps each unit slot was measured on); version 1 (no ``version`` key) loads too: its
+        windows count measured steps again from the resume."""
+        self._fold_units()
+        return {"version": STATE_VERSION,
+                "last_fired": {int(s): t.detach().cpu().tolist() for s, t in self.last_fired.items()},
+                "first_seen": {int(s): int(v) for s, v in self.first_seen.items()},
+                "unit_steps": {int(s): [int(x) for x in v[-self.unit_steps_kept:]]
+                               for s, v in self.unit_steps.items()}}
 
     def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
         dev = device or self.device or torch.device("cpu")
         self.last_fired = {int(s): torch.tensor(v, dtype=torch.float32, device=dev)
                            for s, v in state.get("last_fired", {}).items()}
         self.first_seen = {int(s): int(v) for s, v in state.get("first_seen", {}).items()}
+        self.unit_steps = {int(s): [int(x) for x in v] for s, v in state.get("unit_steps", {}).items()}
+        for s in self.last_fired:
+            self.unit_steps.setdefault(s, [])  # version 1: measured steps are counted from the resume
 
     def to(self, device: torch.device) -> None:
         """Move the unit windows (e.g. restored from a checkpoint) to the training device."""
@@ -429,7 +509,7 @@ def pack_rows(host: HostRows, units: dict[int, np.ndarray]) -> np.ndarray:
     order = np.full((n, slots), -1.0)
     for i, o in enumerate(host.order):
         order[i, o] = np.arange(len(o))
-    params = host.params if host.params is not None else np.zeros((n, 0, 3))
+    params = host.params if host.params is not None else np.zeros((n, 0, len(PARAM_COLUMNS)))
     parts = [np.array([n, slots, len(units), params.shape[1]], np.float64), host.steps.astype(np.float64),
              host.dev.astype(np.float64).ravel(), host.calls.ravel(), host.numel.ravel(), host.full.ravel(),
              host.counted.ravel(), host.scale.astype(np.float64).ravel(), order.ravel(), params.ravel()]
@@ -453,7 +533,8 @@ def _unpack_rows(vec: np.ndarray) -> tuple[HostRows, dict[int, np.ndarray]]:
     calls, numel, full, counted = (take(n * slots, (n, slots)).astype(np.int64) for _ in range(4))
     scale = take(2 * n, (n, 2)).astype(np.float32)
     pos = take(n * slots, (n, slots))
-    params = take(n * npar * 3, (n, npar, 3)).copy() if npar else None
+    p = len(PARAM_COLUMNS)
+    params = take(n * npar * p, (n, npar, p)).copy() if npar else None
     order = [[int(s) for s in np.argsort(np.where(p >= 0, p, np.inf), kind="stable") if p[s] >= 0] for p in pos]
     units = {}
     for _ in range(nu):

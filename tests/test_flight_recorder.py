@@ -58,7 +58,7 @@ def test_session_pins_the_figure_inputs_of_the_step_that_fired():
             net(x).square().mean().backward()
             session.end_step()
             alarms.append(session.sentinel_alarm(1e6))
-            assert len(session._kept) <= 2  # the device copies of the last two steps only
+            assert len(session._kept) <= 3  # the device copies of the last three steps only (alarm, late read, before)
     assert [s for s in alarms if s is not None] == [K]  # CPU: the alarm is for the step itself
     snaps = {s.name: s for s in session.claim_pinned(K)}
     assert set(snaps) == {"2", "3"} and all(s.step == K for s in snaps.values())
@@ -66,6 +66,10 @@ def test_session_pins_the_figure_inputs_of_the_step_that_fired():
     assert snaps["2"].activation[0, 1::2].min() > BIG / 2  # the spike, not a healthy step
     assert snaps["2"].gradient is not None and snaps["2"].shape == (8, 32)
     assert session.pinned == {}
+    step, before = session.claim_pinned_before()  # the step before, the `_before` of a layer never drawn
+    assert step == K - 1 and {s.name for s in before} == {"2", "3"}
+    np.testing.assert_allclose({s.name: s for s in before}["2"].activation, seen[K - 1][:1].numpy(), rtol=1e-6)
+    assert session.claim_pinned_before() is None
 
 
 def test_no_copies_without_the_recorder_and_none_kept_after_close():

@@ -158,3 +158,26 @@ def test_resume_keeps_finding_extra(tmp_path):
     with again:
         assert again.findings == run.findings
         assert [f.extra for f in again.findings] == [f.extra for f in run.findings]
+
+
+def test_containers_are_not_layers_that_never_ran(tmp_path):
+    """`net.**` on a model with a ModuleList: the list is never called by design; a bypassed layer is said."""
+    from lit_probe import ProbeRun
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)])
+            self.unused = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = torch.relu(b(x))
+            return x
+
+    model = Net()
+    with ProbeRun(model, ["**"], save_dir=str(tmp_path), figure_every_n_steps=None) as run:
+        for _ in range(3):
+            with run.step():
+                model(torch.randn(4, 8)).sum().backward()
+    assert run.record.never_ran == ["unused"]

@@ -222,6 +222,49 @@ def test_renderer_drops_when_full_and_counts(backend):
     assert [(s.step, s.reason) for s in r.skipped] == [(1, "queue full"), (2, "queue full"), (3, "queue full")]
 
 
+def test_figures_that_explain_a_finding_are_never_dropped_and_go_first():
+    """A full queue: a priority job is accepted, the newest routine job not yet drawn makes room (listed as not
+    drawn), and priority jobs are drawn before the routine ones still waiting."""
+    entered, gate = threading.Event(), threading.Event()
+
+    class GatedSink(RecordingSink):
+        def write_png(self, *a):
+            entered.set()
+            gate.wait(20)
+            super().write_png(*a)
+
+    sink = GatedSink()
+    r = FigureRenderer([sink], figures=("activations",), max_queue=3, backend="thread")
+    assert r.submit_layer(0, "busy", _snap((1, 2, 4, 4)), None)
+    assert entered.wait(30)  # the first job is in the sink; the next two wait in the queue
+    assert r.submit_layer(1, "r1", _snap((1, 2, 4, 4)), None) and r.submit_layer(1, "r2", _snap((1, 2, 4, 4)), None)
+    assert not r.submit_layer(1, "r3", _snap((1, 2, 4, 4)), None)  # routine: refused, the queue is full
+    assert r.submit_layer(2, "cause", _snap((1, 2, 4, 4)), None, priority=True)
+    assert r.submit_layer(2, "other", _snap((1, 2, 4, 4)), None, priority=True)  # nothing routine left to evict
+    gate.set()
+    assert r.close(timeout=30)
+    assert [c[0] for c in sink.calls] == ["busy", "cause", "other"]
+    assert sorted((s.layer, s.reason) for s in r.skipped) == [("r1", "queue full"), ("r2", "queue full"),
+                                                              ("r3", "queue full")]
+
+
+def test_wait_when_full_drops_nothing():
+    """``figure_wait_s=None``: the submitter waits for room instead of dropping."""
+    gate = threading.Event()
+
+    class SlowSink(RecordingSink):
+        def write_png(self, *a):
+            gate.wait(0.05)
+            super().write_png(*a)
+
+    sink = SlowSink()
+    r = FigureRenderer([sink], figures=("activations",), max_queue=1, backend="thread", wait_when_full=True)
+    assert all(r.submit_layer(i, "a", _snap((1, 2, 4, 4)), None) for i in range(6))
+    assert r.submit_layer(6, "cause", _snap((1, 2, 4, 4)), None, priority=True)
+    assert r.close(timeout=30)
+    assert r.dropped == 0 and not r.skipped and sorted(c[3] for c in sink.calls) == list(range(7))
+
+
 class ListSink:
     def __init__(self):
         self.figures = []
