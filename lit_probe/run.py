@@ -151,6 +151,13 @@ class ProbeRun:
             return self
         if self.model is None:
             raise ProbeError("this ProbeRun was closed: build a new one for another run.")
+        try:
+            return self._open()
+        except BaseException:
+            self.release()  # `with` calls no __exit__ when __enter__ fails: nothing may stay attached
+            raise
+
+    def _open(self) -> "ProbeRun":
         cfg, model = self.config, self.model
         patterns = list(dict.fromkeys(list(cfg.probes) + declared_probe_points(model)))
         if not patterns:

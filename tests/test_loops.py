@@ -181,3 +181,39 @@ def test_containers_are_not_layers_that_never_ran(tmp_path):
             with run.step():
                 model(torch.randn(4, 8)).sum().backward()
     assert run.record.never_ran == ["unused"]
+
+
+def test_a_bad_probe_path_fails_at_open_and_leaves_no_hook(tmp_path):
+    from lit_probe import ProbeRun, ProbeSelectionError
+
+    model = loops.Model()
+    with pytest.raises(ProbeSelectionError, match="Closest real paths: .net\.\d"):
+        with ProbeRun(model, ["net.0", "net.O"], save_dir=str(tmp_path), figure_every_n_steps=None):
+            pass
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_plain_loop_with_a_grad_scaler_skips_are_not_findings(tmp_path):
+    """A GradScaler in a plain loop: the scaled gradients are judged unscaled, a step the scaler skips (inf
+    gradients by design) is no finding, and the weights' NaN never comes (the step is skipped)."""
+    from lit_probe import ProbeRun
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    with ProbeRun(model, ["**"], optimizers=[opt], loss_scale=scaler, save_dir=str(tmp_path),
+                  figure_every_n_steps=None, log_every_n_steps=4) as run:
+        for step, (x, y) in enumerate(loops.loader()):
+            with run.step():
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                if step == 5:
+                    loss = loss * float("inf")  # the scaler sees inf gradients and skips this step
+                run.before_backward()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert 5 in run.skipped_steps and run.findings == [], run.findings
+    assert not [f for f in run.findings if f.signal == "parameter"], run.findings
