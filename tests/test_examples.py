@@ -22,6 +22,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore::lit_probe.callback.ProbeWarnin
 def _small_args(tmp_path: Path) -> dict[str, list[str]]:
     return {
         "plain_callback.py": ["--out", str(tmp_path / "out"), "--steps", "22"],
+        "plain_loop.py": ["--out", str(tmp_path / "out"), "--steps", "22"],
+        "fabric_loop.py": ["--out", str(tmp_path / "out"), "--steps", "8"],
         "features_and_gradcam.py": ["--out", str(tmp_path / "out"), "--images", "2"],
         "mixin_resnet.py": ["--out", str(tmp_path / "out"), "--steps", "3", "--batch-size", "8"],
         "train_cli.py": ["fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "probe.yaml"),
@@ -70,5 +72,9 @@ def test_example_runs_and_writes_only_under_its_directory(name, tmp_path, monkey
         assert "block2.act" in text and "dead" in text  # the demo's dead ReLU, after its 20-step window
     if name == "features_and_gradcam.py":
         assert "layer1.0.relu ran 2 times" in text
+    if name == "plain_loop.py":
+        assert "incident: dead activation at 3, step 2" in text  # step 20 or 21: the 20-step window, then a read
+    if name == "fabric_loop.py":
+        assert "incident: nonfinite activation at 2, step 5" in text
     if name == "mixin_resnet.py":
         assert "probed: backbone.layer1, backbone.layer4.0, backbone.layer4.1" in text
