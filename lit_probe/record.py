@@ -17,7 +17,9 @@ What it holds (each JSON-native):
   (``tag``: ``""`` a routine figure, ``"at"`` the step that fired, ``"before"`` the last one before it; ``file``
   relative to the save directory);
 * ``notes`` (lines for people: what was said during the run), ``never_ran``, ``skipped_steps`` (GradScaler
-  skips), ``figures_skipped`` (figures not drawn, and why), ``last_step``.
+  skips), ``figures_skipped`` (figures not drawn, and why), ``last_step``;
+* ``stats``: where the per-step statistics are (``{"file": "stats.bin", "bytes": ..., "stopped_at": step}``,
+  :mod:`lit_probe.statlog`; ``{}`` when none are kept).
 
 Nothing here imports torch, matplotlib or Lightning: a record is read on any machine.
 """
@@ -64,6 +66,7 @@ class RunRecord:
     never_ran: list[str] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
     figures_skipped: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
     version: int = _VERSION
 
     # ------------------------------------------------------------------ building
@@ -101,21 +104,28 @@ class RunRecord:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1, default=str) + "\n")
         return path
 
+    def note_lines(self) -> list[str]:
+        """The record's lines for people (probed layers, GradScaler skips, layers that never ran, figures not
+        drawn, what was said during the run): the notes of ``summary.md`` and of the report."""
+        lines = [f"probed layers ({len(self.layers)}): " + ", ".join(f"`{p}`" for p in self.layers[:50])
+                 + (f" and {len(self.layers) - 50} more" if len(self.layers) > 50 else "")]
+        if self.skipped_steps:
+            lines.append(f"steps skipped by the GradScaler (inf/NaN gradients by design): {self.skipped_steps[:20]}")
+        if self.never_ran:
+            lines.append("layers that never ran: " + ", ".join(f"`{n}`" for n in self.never_ran))
+        if self.figures_skipped:
+            lines.append("figures not drawn: " + "; ".join(self.figures_skipped[:10]))
+        return lines + list(self.notes)
+
+    def status_line(self) -> str:
+        """What the status means for a reader ("" when the run finished)."""
+        return {"failed": "the run ended with an exception; statistics up to the last completed step are included",
+                "running": "the run had not ended when its record was last written (still running, or killed): what "
+                           "follows is up to that point"}.get(self.status, "")
+
     def summary_markdown(self) -> str:
         """``summary.md``: the notes, then the incidents and findings (a view of the record)."""
-        lines = [f"- probed layers ({len(self.layers)}): " + ", ".join(f"`{p}`" for p in self.layers[:50])
-                 + (f" and {len(self.layers) - 50} more" if len(self.layers) > 50 else "")]
-        if self.status == "failed":
-            lines.append("- the run ended with an exception; statistics up to the last completed step are included")
-        elif self.status == "running":
-            lines.append("- the run had not ended when this was written")
-        if self.skipped_steps:
-            lines.append(f"- steps skipped by the GradScaler (inf/NaN gradients by design): {self.skipped_steps[:20]}")
-        if self.never_ran:
-            lines.append("- layers that never ran: " + ", ".join(f"`{n}`" for n in self.never_ran))
-        if self.figures_skipped:
-            lines.append("- figures not drawn: " + "; ".join(self.figures_skipped[:10]))
-        lines += [f"- {n}" for n in self.notes]
+        lines = [f"- {line}" for line in ([self.status_line()] if self.status_line() else []) + self.note_lines()]
         return findings_to_markdown(self.finding_objects(), extra_lines=lines)
 
 

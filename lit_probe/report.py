@@ -153,19 +153,6 @@ def _figures(save_dir: Path, record: RunRecord) -> dict[str, dict[str, _Figure]]
         for layer, figs in layers.items()}
 
 
-def _record_notes(record: RunRecord) -> list[str]:
-    """The record's lines for people, as in ``summary.md`` (probed layers, never ran, skipped, notes)."""
-    lines = [f"probed layers ({len(record.layers)}): " + ", ".join(f"`{p}`" for p in record.layers[:50])
-             + (f" and {len(record.layers) - 50} more" if len(record.layers) > 50 else "")]
-    if record.skipped_steps:
-        lines.append(f"steps skipped by the GradScaler (inf/NaN gradients by design): {record.skipped_steps[:20]}")
-    if record.never_ran:
-        lines.append("layers that never ran: " + ", ".join(f"`{n}`" for n in record.never_ran))
-    if record.figures_skipped:
-        lines.append("figures not drawn: " + "; ".join(record.figures_skipped[:10]))
-    return lines + list(record.notes)
-
-
 def _natural(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
@@ -367,7 +354,7 @@ def _build(save_dir: Path, record: RunRecord, title: Optional[str]) -> str:
     layers = sorted(layer_figs, key=lambda n: (order.get(n, len(order)), _natural(n)))
     finding_layers = sorted(_first_steps(rows), key=lambda n: (_first_steps(rows)[n], order.get(n, len(order))))
     n_files = sum(len(f.versions) + len(f.before) + len(f.at) for figs in layer_figs.values() for f in figs.values())
-    notes = _record_notes(record)
+    notes = record.note_lines()
 
     images = _Images(save_dir)
     page: list[str] = []
@@ -379,12 +366,8 @@ def _build(save_dir: Path, record: RunRecord, title: Optional[str]) -> str:
               f"{n_files + (timeline is not None)} figure file(s)")
     page.append(f"<h1>{_e(title)}</h1>")
     page.append(f'<p class="meta">run dir <code>{_e(save_dir)}</code><br>{_e(counts)}</p>')
-    if record.status == "failed":
-        page.append('<div class="banner">the run ended with an exception; statistics up to the last completed step '
-                    "are included</div>")
-    elif record.status == "running":
-        page.append('<div class="banner">the run had not ended when its record was last written (still running, '
-                    "or killed): what follows is up to that point</div>")
+    if record.status_line():
+        page.append(f'<div class="banner">{_e(record.status_line())}</div>')
     items = [_md(n) for n in notes]
     try:
         others = sorted(p.name for p in save_dir.iterdir() if p.is_file() and p.suffix in (".csv", ".md", ".json")
