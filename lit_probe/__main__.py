@@ -1,4 +1,4 @@
-"""Command line: ``lit-probe demo``, ``lit-probe paths MODEL`` and ``lit-probe report SAVE_DIR`` (also
+"""Command line: ``lit-probe demo``, ``lit-probe paths MODEL`` and ``lit-probe report SAVE_DIR`` and ``lit-probe diff RUN_A RUN_B`` (also
 ``python -m lit_probe ...``).
 
 ``demo`` trains the bundled :class:`~lit_probe.demo.DemoCNN`, with one of its injected bugs, under a
@@ -18,11 +18,20 @@
 
     lit-probe report lit_probe_demo/probe
 
+``diff`` compares two runs' records step by step (:func:`lit_probe.diff.diff_runs`): the first step and the first
+stream, in execution order, where they differ, per signal; how far it spread; streams in one run only. It prints
+a short table and writes one self-contained page with the divergence figure (``--html``, default ``diff.html``)::
+
+    lit-probe demo --out runs/a --wandb disabled
+    lit-probe demo --out runs/b --wandb disabled --change gelu
+    lit-probe diff runs/a runs/b
+
 Arguments are parsed before torch or Lightning is imported, so ``--help`` and usage errors are quick.
 
 Exit status: 0 when the command ran (findings or not), 2 for a usage error: bad arguments (argparse's usage
 and error), or an output directory that cannot be created or written, or a SAVE_DIR that is not a directory
-(one line on stderr, before a minute of training is spent).
+(one line on stderr, before a minute of training is spent). ``diff`` exits with 1 when the runs are not identical
+(like ``diff``: a statistic differs, a stream or a step is in one run only).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from typing import Any, Optional
 __all__ = ["main", "build_parser"]
 
 _BUGS = ("none", "dead-relu", "exploding", "nan", "vanishing")  # lit_probe.demo.BUGS
+_CHANGES = ("none", "gelu", "lr", "data-order")  # lit_probe.demo.CHANGES
 #: ``lit_probe.demo.DEMO_STEPS``, repeated here so that parsing needs no torch (a test keeps them equal).
 _DEMO_STEPS = 60
 _MAX_TABLE_ROWS = 25
@@ -70,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lit-probe", description="See inside PyTorch Lightning training while it runs.",
         epilog="Run `lit-probe demo` first: it trains a small CNN with an injected bug and shows what the probe "
                "finds.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,paths,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,paths,report,diff}")
     sub.required = True
 
     demo = sub.add_parser(
@@ -90,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--figure-every", type=_non_negative_int, default=None, metavar="N",
                       help="draw figures every N steps; 0: no figures (default: about 3 figure steps per run)")
     demo.add_argument("--no-progress-bar", action="store_true", help="hide Lightning's progress bar")
+    demo.add_argument("--change", choices=_CHANGES, default="none",
+                      help="a change that makes this run differ from the default one, for `lit-probe diff`: gelu "
+                           "(block2's ReLU becomes a GELU), lr (the head learns at 10x the rate), data-order (another "
+                           "shuffle) (default: %(default)s)")
 
     paths = sub.add_parser(
         "paths", help="list the probe points (module paths and types) of a model",
@@ -110,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the probe's save dir (FeatureProbe(save_dir=...); by default "
                              "<default_root_dir>/probe); a demo's --out directory works too")
     report.add_argument("--title", default=None, help="the page title (default: 'lit-probe report: <dir name>')")
+
+    diff = sub.add_parser(
+        "diff", help="where two runs first differ: step, stream and signal, from their per-step statistics",
+        description="Compare two probed runs step by step (their save dirs, or a demo's --out): per signal "
+                    "(activation, gradient, parameter) the first step and the first stream in execution order "
+                    "where a statistic differs beyond the tolerance (exact by default), how far the difference "
+                    "spread, and the streams in one run only. Prints a table; writes a self-contained HTML page "
+                    "with the divergence figure. Exit status 0 when identical, 1 when they are not (like diff).")
+    diff.add_argument("run_a", metavar="RUN_A", type=Path, help="the first run's save dir")
+    diff.add_argument("run_b", metavar="RUN_B", type=Path, help="the second run's save dir")
+    diff.add_argument("--rtol", type=float, default=0.0,
+                      help="relative tolerance, for runs that are not bit-identical (default: 0, exact)")
+    diff.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default: 0)")
+    diff.add_argument("--html", type=Path, default=Path("diff.html"), metavar="PATH",
+                      help="the page to write (default: ./%(default)s); '-' for none")
     return parser
 
 
@@ -122,6 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _demo(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "diff":
+        return _diff(args)
     return _paths(args, parser)
 
 
@@ -158,9 +189,11 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_STEPS, EXPECTED, run_demo
 
     findings = run_demo(out, steps=args.steps, bug=args.bug, wandb=args.wandb, mode=args.mode, seed=args.seed,
-                        figure_every_n_steps=args.figure_every, progress_bar=not args.no_progress_bar)
+                        figure_every_n_steps=args.figure_every, progress_bar=not args.no_progress_bar,
+                        change=args.change)
     print()
-    print(f"lit-probe demo: bug={args.bug!r}, {args.steps} steps, seed {args.seed}")
+    changed = f", change={args.change!r}" if args.change != "none" else ""
+    print(f"lit-probe demo: bug={args.bug!r}{changed}, {args.steps} steps, seed {args.seed}")
     print()
     print(format_findings(findings))
     expected = EXPECTED.get(args.bug)
@@ -219,6 +252,33 @@ def _report(args: argparse.Namespace) -> int:
         return _error("report", f"cannot write {save_dir / 'report.html'}: {err.strerror or err}")
     print(path)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------- diff
+def _diff(args: argparse.Namespace) -> int:
+    if args.rtol < 0 or args.atol < 0:
+        return _error("diff", "--rtol and --atol must be >= 0")
+    for p in (args.run_a, args.run_b):
+        if not p.is_dir():
+            return _error("diff", f"{p} {'does not exist' if not p.exists() else 'is not a directory'}")
+    from .diff import diff_runs, write_diff_html
+
+    try:
+        result = diff_runs(args.run_a, args.run_b, rtol=args.rtol, atol=args.atol)
+    except (FileNotFoundError, ValueError) as err:
+        return _error("diff", str(err))
+    try:
+        print(result.to_text())
+        sys.stdout.flush()
+    except BrokenPipeError:  # `lit-probe diff A B | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if str(args.html) != "-":
+        try:
+            path = write_diff_html(result, args.html, title=f"lit-probe diff: {args.run_a} vs {args.run_b}")
+        except OSError as err:
+            return _error("diff", f"cannot write {args.html}: {err.strerror or err}")
+        print(f"\nPage: {path}  (the divergence figure; one self-contained file)")
+    return 0 if result.identical else 1
 
 
 def format_findings(findings: Sequence[Any], max_rows: int = _MAX_TABLE_ROWS) -> str:

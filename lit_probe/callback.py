@@ -64,6 +64,9 @@ class ProbeCallback:
         gradcam_layers: Grad-CAM maps of the first ``num_samples`` images for these layers at figure steps.
         figure_wait_s: seconds the end of fit waits for figures still being drawn (``None``: all of them).
         param_scope: ``"own"`` (a module's own parameters) or ``"recursive"`` (its whole subtree's).
+        stats_file_mb: the per-step statistics (every stream's, every step) kept in ``<save_dir>/stats.bin`` for
+            ``lit-probe diff``, up to this many megabytes (then the file stops growing and the record says at which
+            step); ``0``: none kept; ``None``: no limit.
         every_n_steps, mode, flight_recorder_steps: deprecated names (see above).
 
     Raises:
@@ -103,6 +106,7 @@ class ProbeCallback:
         gradcam_layers: Optional[list[str]] = None,
         figure_wait_s: Optional[float] = 10.0,
         param_scope: Literal["own", "recursive"] = "own",
+        stats_file_mb: Optional[float] = 256.0,
         every_n_steps: Optional[int] = None,
         mode: Optional[Literal["overwrite", "versioned"]] = None,
         flight_recorder_steps: Optional[int] = None,

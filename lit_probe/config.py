@@ -58,6 +58,7 @@ class ProbeConfig:
     gradcam_layers: list[str] = field(default_factory=list)
     figure_wait_s: Optional[float] = 10.0
     param_scope: str = "own"
+    stats_file_mb: Optional[float] = 256.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -98,6 +99,11 @@ class ProbeConfig:
             if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
                 raise ProbeConfigError(f"`figure_wait_s` must be a number of seconds >= 0 or None, got {wait!r}.")
             set_(self, "figure_wait_s", float(wait))
+        mb = self.stats_file_mb
+        if mb is not None:
+            if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb >= 0:
+                raise ProbeConfigError(f"`stats_file_mb` must be a number of megabytes >= 0 or None, got {mb!r}.")
+            set_(self, "stats_file_mb", float(mb))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "ProbeConfig":

@@ -54,13 +54,19 @@ except ImportError:  # pragma: no cover - depends on what is installed
 if TYPE_CHECKING:
     from .findings import Finding
 
-__all__ = ["BUGS", "CLASSES", "DEFAULT_PROBES", "EXPECTED", "DemoCNN", "NormDiv", "ShapesDataModule",
+__all__ = ["BUGS", "CHANGES", "CLASSES", "DEFAULT_PROBES", "EXPECTED", "DemoCNN", "NormDiv", "ShapesDataModule",
            "ShapesDataset", "DEMO_STEPS", "run_demo"]
 
 Bug = Literal["none", "dead-relu", "exploding", "nan", "vanishing"]
 
 #: Every value of ``DemoCNN(bug=...)``.
 BUGS: tuple[str, ...] = ("none", "dead-relu", "exploding", "nan", "vanishing")
+
+#: Changes ``run_demo(change=...)`` makes to a run, so that two demo runs differ (``lit-probe diff``): ``"gelu"``
+#: (``block2.act`` becomes a GELU: the first difference is that activation at step 0), ``"lr"`` (the head's
+#: parameter group learns at 10x the rate: the head's parameter statistics first, at step 0), ``"data-order"``
+#: (another shuffle of the same data: the first probed layer, ``stem``, at step 0).
+CHANGES: tuple[str, ...] = ("none", "gelu", "lr", "data-order")
 
 #: The four classes of :class:`ShapesDataset`, in label order.
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
@@ -185,10 +191,11 @@ class ShapesDataModule(pl.LightningDataModule):
         val_size: number of validation images.
         seed: seed of the training split (the validation split uses ``seed + 1``).
         num_workers: ``DataLoader`` workers (0: generate in the main process; the images are cheap).
+        shuffle_seed: seed of the training loader's shuffle (``None``: ``seed``).
     """
 
     def __init__(self, batch_size: int = 64, train_size: int = 25600, val_size: int = 512, seed: int = 0,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, shuffle_seed: Optional[int] = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.batch_size = int(batch_size)
@@ -196,6 +203,7 @@ class ShapesDataModule(pl.LightningDataModule):
         self.val_size = int(val_size)
         self.seed = int(seed)
         self.num_workers = int(num_workers)
+        self.shuffle_seed = self.seed if shuffle_seed is None else int(shuffle_seed)
         self.train_set: Optional[ShapesDataset] = None
         self.val_set: Optional[ShapesDataset] = None
 
@@ -206,7 +214,7 @@ class ShapesDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator().manual_seed(self.shuffle_seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g,
                           num_workers=self.num_workers, drop_last=True)
 
@@ -287,11 +295,12 @@ class DemoCNN(pl.LightningModule):
         deep_layers: ``"vanishing"``: number of Linear+Sigmoid pairs in ``deep``.
         weight_decay: Adam's (L2) weight decay.
         seed: seed of the weight initialisation (``None``: the global RNG).
+        head_lr: the learning rate of the head's parameter group (``None``: ``lr``, one group).
     """
 
     def __init__(self, bug: Bug = "none", lr: float = 3e-3, bug_step: int = 30, dead_bias: float = -20.0,
                  exploding_lr: float = 3.0, deep_layers: int = 8, weight_decay: float = 0.0,
-                 seed: Optional[int] = 0) -> None:
+                 seed: Optional[int] = 0, head_lr: Optional[float] = None) -> None:
         super().__init__()
         if bug not in BUGS:
             raise ValueError(f"bug must be one of {', '.join(BUGS)}; got {bug!r}")
@@ -365,7 +374,13 @@ class DemoCNN(pl.LightningModule):
         if self.bug == "exploding":
             return torch.optim.SGD(self.parameters(), lr=self.hparams.exploding_lr,
                                    weight_decay=self.hparams.weight_decay)
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        head_lr = self.hparams.get("head_lr")
+        if head_lr is None:
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        head = {id(p) for p in self.head.parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in head]},
+                  {"params": list(self.head.parameters()), "lr": float(head_lr)}]
+        return torch.optim.Adam(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -392,7 +407,7 @@ def demo_bug_step(steps: int) -> int:
 
 def run_demo(out: "str | os.PathLike[str]", steps: int = DEMO_STEPS, bug: str = "none", wandb: str = "offline",
              mode: str = "overwrite", seed: int = 0, *, figure_every_n_steps: Optional[int] = None,
-             progress_bar: bool = True) -> "list[Finding]":
+             progress_bar: bool = True, change: str = "none") -> "list[Finding]":
     """Train :class:`DemoCNN` (with ``bug`` injected) on :class:`ShapesDataModule` under a
     :class:`~lit_probe.FeatureProbe` and return its findings.
 
@@ -411,6 +426,7 @@ def run_demo(out: "str | os.PathLike[str]", steps: int = DEMO_STEPS, bug: str = 
         figure_every_n_steps: the probe's ``figure_every_n_steps``; ``None``: about three figure steps per run
             (:func:`demo_figure_every`); ``0``: no figures.
         progress_bar: show Lightning's progress bar.
+        change: one of :data:`CHANGES`: makes this run differ from the default one (for ``lit-probe diff``).
 
     Returns:
         ``FeatureProbe.findings``: every finding of the run, in the order they were reported.
@@ -419,6 +435,8 @@ def run_demo(out: "str | os.PathLike[str]", steps: int = DEMO_STEPS, bug: str = 
         raise ValueError(f"bug must be one of {', '.join(BUGS)}; got {bug!r}")
     if wandb not in WANDB_MODES:
         raise ValueError(f"wandb must be one of {', '.join(WANDB_MODES)}; got {wandb!r}")
+    if change not in CHANGES:
+        raise ValueError(f"change must be one of {', '.join(CHANGES)}; got {change!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if figure_every_n_steps is None:
@@ -432,7 +450,7 @@ def run_demo(out: "str | os.PathLike[str]", steps: int = DEMO_STEPS, bug: str = 
     with torch.random.fork_rng(devices=[]):
         try:
             torch.manual_seed(seed)
-            return _fit_demo(out, steps, bug, wandb, mode, seed, fig_every, progress_bar)
+            return _fit_demo(out, steps, bug, wandb, mode, seed, fig_every, progress_bar, change)
         finally:
             if wandb != "disabled":
                 try:
@@ -447,7 +465,7 @@ def run_demo(out: "str | os.PathLike[str]", steps: int = DEMO_STEPS, bug: str = 
 
 
 def _fit_demo(out: Path, steps: int, bug: str, wandb: str, mode: str, seed: int, fig_every: Optional[int],
-              progress_bar: bool) -> "list[Finding]":
+              progress_bar: bool, change: str = "none") -> "list[Finding]":
     import warnings
 
     CSVLogger = pl.loggers.CSVLogger
@@ -470,8 +488,11 @@ def _fit_demo(out: Path, steps: int, bug: str, wandb: str, mode: str, seed: int,
         os.environ.setdefault("WANDB_SILENT", "true")
         loggers.append(WandbLogger(save_dir=str(out), offline=wandb == "offline", project="lit-probe-demo",
                                    name=f"demo-{bug}"))
-    model = DemoCNN(bug=bug, seed=seed, bug_step=demo_bug_step(steps))  # type: ignore[arg-type]
-    data = ShapesDataModule(seed=seed)
+    model = DemoCNN(bug=bug, seed=seed, bug_step=demo_bug_step(steps),  # type: ignore[arg-type]
+                    head_lr=10 * 3e-3 if change == "lr" else None)
+    if change == "gelu":
+        model.block2.act = nn.GELU()
+    data = ShapesDataModule(seed=seed, shuffle_seed=seed + 1 if change == "data-order" else None)
     probe = FeatureProbe(probes=DEFAULT_PROBES, save_dir=str(out / "probe"), mode=mode,  # type: ignore[arg-type]
                          figure_every_n_steps=fig_every, log_to_wandb=wandb != "disabled",
                          figure_wait_s=120.0)  # the demo shows every figure it made

@@ -67,7 +67,10 @@ class Thresholds:
             ``dead_fraction``: the fraction a user sets applies to every stream, small ones included. Set both to
             judge small streams differently.
         dead_min_units: streams of fewer units than this are not judged dead at all. Default 4.
-        dead_window: the window, in training steps, over which a unit must fire at least once. Default 20.
+        dead_window: the window, in measured steps, over which a unit must fire at least once. The units of a
+            judged stream are measured on every training step it runs (not only on full-statistics steps), so
+            for a stream that runs every step this is the last ``dead_window`` training steps; no verdict before
+            ``dead_window + 1`` measured steps. Default 20.
         exploding_absmax: an activation or gradient whose largest absolute value exceeds this is
             *exploding*. Default 1e6.
         exploding_growth: ... or whose largest absolute value exceeds this factor times the stream's running
@@ -86,7 +89,10 @@ class Thresholds:
             row: a parameter group with ``lr=0``, parameters the optimizer does not update. Default 1e-3.
         lr_too_high_ratio: a module's learning rate is *too high* when its update ratio stays above this on
             ``update_window`` measured steps in a row (each step moves the weights by their own size).
-            Default 1.0.
+            Default 1.0. A module whose weights start at (near) zero (``||W|| == 0``, or a ratio above
+            ``ZERO_START_RATIO`` = 100, at its first measured step: a zero-initialised bias) is not judged by
+            either update-ratio rule, nor counted in their medians, for ``ZERO_START_STEPS`` (10) steps: until
+            then its weights are the sum of its first updates and its ratio is about 1/t by construction.
         lr_group_spread: ... or, when its parameter group has a higher learning rate than the other probed
             modules' groups, when its update ratio is above this many times the median of the modules outside
             its group on ``lr_group_window`` measured steps in a row. Default 10.

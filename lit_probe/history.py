@@ -69,6 +69,8 @@ def derive(rows: HostRows, grad_slots: np.ndarray, unit_slots: np.ndarray) -> De
         absmax = np.maximum(np.abs(mn), np.abs(mx))
         absmax = np.where(np.isnan(mn) | np.isnan(mx), np.nan, absmax)
         out[:, :, _I["absmax"]] = np.where(seen, absmax, np.nan)
+        if rows.minless is not None:  # the min was not measured (watched ReLU-like streams between full steps)
+            out[:, :, _I["min"]] = np.where(rows.minless, np.nan, out[:, :, _I["min"]])
         # the count is measured on full steps; the flag (min/max non-finite) on every step: see nonfinite_flags
         counted = np.maximum(rows.counted.astype(np.float64), 1)
         nf = dev[:, :, _C["nonfinite"]] * numel / counted  # exact when the whole tensor was counted
@@ -108,10 +110,12 @@ def derive_params(sq: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | tupl
 
 
 def nonfinite_flags(d: Derived) -> np.ndarray:
-    """``[n, slots]`` True where a slot saw NaN or Inf at that step (exact, measured every step)."""
+    """``[n, slots]`` True where a slot saw NaN or Inf at that step (exact, measured every step, judged by the
+    elements' min and max, never by a sum or a norm that may overflow). A NaN element makes both NaN, +inf the
+    max, -inf the min; a NaN min beside a finite max is a min that was not measured."""
     mn, mx, calls = d.get("min"), d.get("max"), d.get("calls")
     with np.errstate(invalid="ignore"):
-        return (calls > 0) & ~(np.isfinite(mn) & np.isfinite(mx))
+        return (calls > 0) & (~np.isfinite(mx) | np.isinf(mn))
 
 
 class History:

@@ -4,7 +4,8 @@
 :class:`ProbeOutput` owns everything that leaves the process: scalars to the loggers, findings as they arrive
 (``findings.jsonl``, a ``ProbeWarning``, the W&B findings table, the flight recorder CSV), figure files and images
 (disk, W&B, TensorBoard) through the renderer, and the run record (:class:`~lit_probe.record.RunRecord`,
-``run.json``) with its views ``summary.md`` and ``report.html``. The run (:class:`~lit_probe.run.ProbeRun`) calls
+``run.json``) with its views ``summary.md`` and ``report.html``, and the per-step statistics beside it
+(``stats.bin``, a chunk per log step: :mod:`lit_probe.statlog`, read by ``lit-probe diff``). The run (:class:`~lit_probe.run.ProbeRun`) calls
 its verbs; nothing else writes.
 
 Only rank zero writes (``is_zero``); other ranks get an output that does nothing. Imports neither Lightning
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .findings import Finding
 from .record import FINDINGS_NAME, SUMMARY_NAME, RunRecord
+from .statlog import STATS_NAME, StatWriter
 
 if TYPE_CHECKING:
     from .config import ProbeConfig
@@ -64,15 +66,25 @@ class ProbeOutput:
         self._wandb: list[Any] = []
         self._disk_ok = True
         self._findings_pushed = 0
+        self.stats: Optional[StatWriter] = None
         if not is_zero:
             return
         self._open_sinks()
 
-    def start(self, restored: Sequence[Finding] = ()) -> None:
-        """A run begins: ``findings.jsonl`` restarts with the findings restored from a checkpoint (if any), and
-        the record is written (``status: running``), so that even a killed run leaves one."""
+    def start(self, restored: Sequence[Finding] = (), resumed: bool = False) -> None:
+        """A run begins: ``findings.jsonl`` restarts with the findings restored from a checkpoint (if any), the
+        statistics log (``stats.bin``) starts (``resumed``: goes on), and the record is written
+        (``status: running``), so that even a killed run leaves one."""
         if not self.is_zero or not self._writable():
             return
+        mb = self.config.stats_file_mb
+        if mb != 0:
+            try:
+                self.stats = StatWriter(self.out_dir / STATS_NAME, fresh=not resumed,
+                                        max_bytes=None if mb is None else int(mb * 1e6))
+                self.record.stats = {"file": STATS_NAME}
+            except OSError as err:
+                self._disk_failed(err)
         self.record.set_findings(restored)
         self._append_findings(restored, fresh=True)
         self._save_record()
@@ -214,6 +226,25 @@ class ProbeOutput:
         for name, overlays, labels in maps:
             self.renderer.submit_gradcam(step, name, overlays, labels)
 
+    def statistics(self, steps: Any, values: Any, stats: Sequence[str], *, names: Sequence[str],
+                   signals: Sequence[str], order: Sequence[int], params: Any = None, param_stats: Sequence[str] = (),
+                   param_names: Sequence[str] = (), partial: Sequence[int] = ()) -> None:
+        """One block of per-step statistics (``values[n, slots, len(stats)]``, ``params[n, modules,
+        len(param_stats)]``) appended to ``stats.bin`` (:mod:`lit_probe.statlog`); rank zero."""
+        w = self.stats
+        if w is None or not self.is_zero or not self._disk_ok:
+            return
+        try:
+            w.append(steps, values, stats, names=names, signals=signals, order=order, params=params,
+                     param_stats=param_stats, param_names=param_names, partial=partial)
+        except OSError as err:
+            self._disk_failed(err)
+            return
+        if w.stopped_at is not None:
+            self.say(f"lit_probe: {STATS_NAME} reached stats_file_mb={self.config.stats_file_mb:g}: per-step "
+                     f"statistics are kept up to step {w.stopped_at - 1} (lit-probe diff compares up to there).")
+            self.record.stats["stopped_at"] = w.stopped_at
+
     def flush(self) -> None:
         """At a log step, on the training thread: push queued W&B images."""
         if self.renderer is not None:
@@ -267,6 +298,8 @@ class ProbeOutput:
             rec.figures = self.disk.index()
         rec.set_findings(findings)
         rec.ended = time.time()
+        if self.stats is not None:
+            rec.stats["bytes"] = self.stats.size
         self._write_final()
 
     # ------------------------------------------------------------------ files

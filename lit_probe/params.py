@@ -43,6 +43,20 @@ def _stack(norms: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(norms)).float()
 
 
+def _absmax(tensors: list[torch.Tensor], device: torch.device, fused: bool) -> torch.Tensor:
+    """The largest |element| of each tensor, as one float32 vector on ``device`` (NaN where a NaN is). On CUDA one
+    fused ``_foreach_norm(ord=inf)``; elsewhere ``aminmax`` per tensor (the CPU ``ord=inf`` norm is ~13x slower:
+    61 ms against 4.6 ms for resnet18's weights and gradients, one thread)."""
+    if fused and device.type == "cuda":
+        return _stack(torch._foreach_norm(tensors, ord=float("inf")))
+    values = [x.coalesce().values() if x.is_sparse else x for x in tensors]
+    zero = torch.zeros((), device=device)
+    pairs = [torch.aminmax(v) if v.numel() else (zero, zero) for v in values]  # an empty shard: 0
+    lo = _stack([p[0].to(device) for p in pairs])
+    hi = _stack([p[1].to(device) for p in pairs])
+    return torch.maximum(lo.abs(), hi.abs())  # NaN propagates
+
+
 class _Plan:
     """One optimizer's share of the probed parameters: unique tensors and, per (parameter, module) pair, its
     index into them and the module's row."""
@@ -194,11 +208,7 @@ class ParamWatch:
                 gn = torch._foreach_norm(grads)
             self._add(plan, _G, self._spread(plan, _stack(gn), has_grad, device), has_grad, device)
         # the largest |element| of weights and gradients, in one fused call: finite exactly when the elements are
-        if fused:
-            mx = _stack(torch._foreach_norm(list(params) + grads, ord=float("inf")))
-        else:
-            mx = _stack([torch.linalg.vector_norm(x.coalesce().values() if x.is_sparse else x.detach(),
-                                                  ord=float("inf")).to(device) for x in list(params) + grads])
+        mx = _absmax(list(params) + grads, device, fused)
         self._add(plan, _WMAX, mx[:len(params)], every, device, square=False)
         if grads:
             self._add(plan, _GMAX, self._spread(plan, mx[len(params):], has_grad, device), has_grad, device,

@@ -17,7 +17,7 @@ A plain loop::
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
-    print(run.findings)  # and probe/report.html, summary.md, run.json, figures
+    print(run.findings)  # and probe/report.html, summary.md, run.json, stats.bin, figures
 
 The verbs, in the order a loop calls them: :meth:`open` (or ``with``), per step :meth:`begin_step`,
 :meth:`before_backward` (with a GradScaler), :meth:`before_optimizer_step` (called for you by a hook on each
@@ -40,6 +40,7 @@ from torch import nn
 from .config import ProbeConfig
 from .errors import ProbeAlarm, ProbeConfigError, ProbeError
 from .findings import Finding, Incident, group_incidents, incidents_of, listed
+from .history import PARAM_STATS, STATS
 from .mixin import declared_probe_points
 from .output import ProbeOutput
 from .record import RunRecord
@@ -170,6 +171,7 @@ class ProbeRun:
             modules, signals=cfg.signals, every_n_steps=cfg.full_stats_every_n_steps, thresholds=cfg.thresholds,
             history_size=cfg.history_size, ring_rows=min(self.log_every, 256) + 2, gather=self.gather, root=model,
             param_scope=cfg.param_scope)
+        resumed = self._pending_state is not None
         if self._pending_state is not None:
             s.load_state_dict(self._pending_state.get("session", {}))
             self.findings = [Finding.from_dict(f) for f in self._pending_state.get("findings", [])]
@@ -179,7 +181,8 @@ class ProbeRun:
                                      thresholds=cfg.thresholds, ring_rows=4, gather=self.gather, root=model)
         self._record = RunRecord(layers=list(self.points), loop=self.loop)
         out = self.output = ProbeOutput(self.out_dir, self.loggers, cfg, is_zero=self.is_zero, record=self._record)
-        out.start(self.findings)
+        out.start(self.findings, resumed=resumed)
+        s.keep_derived(out.stats is not None)  # the per-step statistics go to the run's stats.bin (rank zero)
         compiled = [n for n, m in model.named_modules() if type(m).__name__ == "OptimizedModule"]
         if compiled:
             out.say(f"lit_probe: {', '.join(compiled[:3])} is compiled with torch.compile; hooks are on the original "
@@ -336,7 +339,7 @@ class ProbeRun:
                 s.end_step()
                 if failed and self._recording:  # the failed step's figures, if it showed the failure
                     s.sentinel_alarm(self.config.thresholds.exploding_absmax)
-                self._read(s.step, final=True)
+                self._read(s.step, final=True, partial=s.step != self._prev)
             # a container without a forward of its own (ModuleList, ModuleDict) is never called, by design
             callable_ = {n for n, m in zip(s.names, s.modules) if type(m).forward is not nn.Module.forward}
             never = [n for n in s.never_fired() if n in callable_] if s.step >= 0 else []
@@ -380,11 +383,13 @@ class ProbeRun:
         self._pending_state = dict(state) if state else None
 
     # ------------------------------------------------------------------ policy
-    def _read(self, step: int, final: bool = False) -> list[Finding]:
-        """A log step: one read of the device, the detectors, scalars, findings out; then the finding policy."""
+    def _read(self, step: int, final: bool = False, partial: bool = False) -> list[Finding]:
+        """A log step: one read of the device, the detectors, scalars, findings out; then the finding policy.
+        ``partial``: the last step read was begun and never finished (the run failed in it)."""
         s, out = self.session, self.output
         assert s is not None and out is not None
         s.flush()
+        self._keep_statistics(s.step if partial else None)
         new, s.findings = s.findings, []  # with those of reads the session did itself (its ring was full)
         self.skipped_steps = list(s.diagnosis.skipped_steps)
         out.scalars({f"probe/{k}": v for k, v in s.latest_scalars().items()}, step)
@@ -404,6 +409,20 @@ class ProbeRun:
                 raise ProbeAlarm(f"lit_probe: {new[0].message} (on_finding='raise'; {len(new)} finding(s) at this "
                                  f"check)", new)
         return new
+
+    def _keep_statistics(self, partial: Optional[int]) -> None:
+        """The blocks of per-step statistics read since the last log step, to the output (``stats.bin``)."""
+        s, out = self.session, self.output
+        assert s is not None and out is not None
+        blocks = s.take_derived()
+        if not blocks:
+            return
+        order = s.execution_order()
+        pnames = list(s.params.names) if s.params is not None else []
+        for d in blocks:
+            out.statistics(d.steps, d.values, STATS, names=s.slot_names, signals=s.slot_signals, order=order,
+                           params=d.params, param_stats=PARAM_STATS, param_names=pnames,
+                           partial=[partial] if partial is not None and partial in d.steps else ())
 
     def _draw_figure_step(self, step: int) -> None:
         s, out = self.session, self.output

@@ -27,7 +27,7 @@ from torch import nn
 
 from .diagnose import Diagnosis, ParamModules, Thresholds, alarm_bounds, dead_units, diagnose
 from .findings import Finding
-from .history import LOGGED_PARAM_STATS, PARAM_STATS, History, derive
+from .history import LOGGED_PARAM_STATS, PARAM_STATS, Derived, History, derive
 from .hooks import HookRegistry, iter_tensors, warn_once
 from .selection import resolve
 from .snapshots import device_part, snapshot_tensor, to_host
@@ -169,6 +169,21 @@ class ProbeSession:
         # the stream's running median of absmax) once known, so a relative explosion alarms at its step too
         self._alarm_bounds: np.ndarray | None = None
         self._grad_mask: np.ndarray | None = None
+        # with keep_derived(): every block of per-step statistics read since the last take_derived() (for the
+        # run's statistics log); None: not kept
+        self._derived: list[Derived] | None = None
+
+    def keep_derived(self, on: bool = True) -> None:
+        """Keep every block of per-step statistics :meth:`flush` reads (also the reads of a full ring) until
+        :meth:`take_derived`; off: none kept."""
+        self._derived = [] if on else None
+
+    def take_derived(self) -> list[Derived]:
+        """The blocks read since the last call (oldest first), with :meth:`keep_derived`; else ``[]``."""
+        if not self._derived:
+            return []
+        out, self._derived = self._derived, []
+        return out
 
     def _slot(self, i: int, call: int, signal: str) -> int:
         key = (i, call, signal)
@@ -421,6 +436,8 @@ class ProbeSession:
         grad_slots = self._grad_slots()[:host.calls.shape[1]]
         d = derive(host, grad_slots, ~grad_slots)
         self.history.append(d)
+        if self._derived is not None:
+            self._derived.append(d)
         pm = None
         if self.params is not None and len(self.params):
             self.params.update_lrs()

@@ -17,12 +17,16 @@ Two tiers of work per observed tensor:
   ``COUNT_CAP`` elements (the whole tensor when it is smaller): zero fractions are estimated from a large
   sample, while the non-finite *flag* (from min/max) always covers every element. The sum and the L2 norm
   are float32 and can overflow while every element is finite: nothing judges "non-finite" by them.
-* **units** (every step, for the streams whose dead units are judged: ``observe(..., watch_units=True)``):
-  the per-unit maximum, written by one reduction straight into a small device ring ``[rows, units]`` of the
-  stream (no other kernel on the step); at a read, the ring's rows become each unit's last step with a
-  positive value (:attr:`StatBuffer.last_fired`). The host also keeps the steps on which each stream's units
-  were measured (:attr:`StatBuffer.unit_steps`), so a window is counted in measured steps. Other streams
-  track units on full steps only.
+* **units** (every step, for the streams whose dead units are judged, ReLU-like ones:
+  ``observe(..., watch_units=True)``): the per-unit maximum, written by one reduction (``amax(..., out=)``)
+  straight into a small device ring ``[UNIT_ROWS, units]`` of the stream. On a step without full statistics
+  that one reduction *is* the stream's sentinel too: its max is the max of the per-unit maxima (folded in by
+  ``commit``, one scatter per step for all such streams), and its min is not measured (a ReLU-like output has
+  no negative value; NaN and +inf propagate through the maxima): the min column holds a placeholder and
+  :attr:`HostRows.minless` says so. Every ``UNIT_ROWS`` steps (and at a read) the ring becomes each unit's
+  last step with a positive value (:attr:`StatBuffer.last_fired`: a few kernels per stream, off the hooks).
+  The host keeps the steps on which each stream's units were measured (:attr:`StatBuffer.unit_steps`), so a
+  window is counted in measured steps. Other streams track units on full steps only.
 
 Device columns of the ring buffer, per (step row, slot):
 
@@ -66,6 +70,8 @@ PARAM_COLUMNS = ("weight_sq", "grad_sq", "update_sq", "weight_max", "grad_max")
 PARAM_MAX_COLUMNS = (3, 4)
 #: Version of :meth:`StatBuffer.state_dict` (1: no version key, no ``unit_steps``).
 STATE_VERSION = 2
+#: Steps the per-unit ring of a watched stream holds before it is folded into the last-fired steps.
+UNIT_ROWS = 16
 _NF, _NZ, _SUM, _L2, _MIN, _MAX = range(6)
 _FLOATS = (torch.float32, torch.float64)
 #: Elements (at least) over which the non-finite and non-zero counts are taken on full steps.
@@ -88,12 +94,13 @@ class HostRows:
     counted: np.ndarray  # [n, slots] elements the counts (nonfinite, nonzero) were taken over
     scale: np.ndarray  # [n, 2] loss scale at step start / end (NaN when no scaler)
     params: np.ndarray | None = None  # [n, modules, len(PARAM_COLUMNS)], -1 where not measured at that step
+    minless: np.ndarray | None = None  # [n, slots] True where the min was not measured (a placeholder is there)
 
     def first_slots(self, k: int) -> "HostRows":
         """The rows restricted to slots ``[0, k)`` (the buffer keeps spare room for new streams)."""
         return HostRows(self.steps, self.dev[:, :k], self.calls[:, :k], self.numel[:, :k], self.full[:, :k],
                         [[s for s in o if s < k] for o in self.order], self.counted[:, :k], self.scale,
-                        self.params)
+                        self.params, None if self.minless is None else self.minless[:, :k])
 
 
 class StatBuffer:
@@ -120,10 +127,21 @@ class StatBuffer:
         self.last_fired: dict[int, torch.Tensor] = {}
         self.first_seen: dict[int, int] = {}
         self._bad_channels: set[int] = set()
-        # per unit slot: a device ring [rows, units] of the per-unit maximum of each step (folded into last_fired
-        # at a read), which rows hold one, and the steps on which the slot's units were measured (host)
+        # watched unit slots: a device ring [UNIT_ROWS, units] of each step's per-unit maximum (-inf: not measured)
+        # and its row views (made once: no view op in a hook); the ring row of this step, the step of each ring
+        # row (device, for the fold), what each slot wrote last ((cycle, row)); the steps each unit slot was
+        # measured on (host)
         self._uring: dict[int, torch.Tensor] = {}
-        self.utracked = np.zeros((self.rows, slots), dtype=bool)
+        self._uviews: dict[int, list[torch.Tensor]] = {}
+        self._ustep: torch.Tensor | None = None
+        self._upos = 0
+        self._ur = -1
+        self._ucycle = 0
+        self._uwrote: dict[int, tuple[int, int]] = {}
+        self._sent_units: list[int] = []  # watched slots whose sentinel this step is their ring row (commit)
+        self._unit_index: dict[tuple, torch.Tensor] = {}
+        self._udims: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.minless = np.zeros((self.rows, slots), dtype=bool)
         self.unit_steps: dict[int, list[int]] = {}
         #: measured steps kept per unit slot (the session sets it to cover its dead window and ring)
         self.unit_steps_kept = 4096
@@ -156,7 +174,7 @@ class StatBuffer:
             return
         new = max(slots, self.slots + self.slots // 2 + 8)
         grow = new - self.slots
-        for name in ("calls", "numel", "full", "counted", "utracked"):
+        for name in ("calls", "numel", "full", "counted", "minless"):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.zeros((self.rows, grow), dtype=arr.dtype)], axis=1))
         if self._buf is not None:
@@ -184,13 +202,25 @@ class StatBuffer:
         self.counted[r] = 0
         self.order[r] = []
         self.pmeasured[r] = 0
-        self.utracked[r] = False
+        self.minless[r] = False
         self.steps[r] = step
         self._pending.append(r)
         if self._buf is not None:
             self._reset_row(r)
         else:
             self._zero_pending = True
+        self._ur = -1
+        if self._uring:
+            self._next_unit_row()
+
+    def _next_unit_row(self) -> None:
+        """The unit ring row of the current step (folding a full ring first): one fill, no host sync."""
+        if self._upos >= UNIT_ROWS:
+            self._fold_units(reset=True)
+        self._ur = self._upos
+        self._upos += 1
+        assert self._ustep is not None
+        self._ustep[self._ur].fill_(float(self.step))
 
     @property
     def pending(self) -> int:
@@ -226,16 +256,33 @@ class StatBuffer:
 
     def commit(self) -> None:
         """Fold the step's pending min/max values into the current row (a few kernels, no host sync)."""
-        if not self._sent_slot or self._buf is None:
-            self._sent_min, self._sent_max, self._sent_slot = [], [], []
+        if self._buf is None:
+            self._sent_min, self._sent_max, self._sent_slot, self._sent_units = [], [], [], []
             return
-        k = len(self._sent_slot)
-        vals = torch.stack(self._sent_min + self._sent_max).to(torch.float32)
-        idx = torch.tensor(self._sent_slot, dtype=torch.int64).to(self.device, non_blocking=True)
         row = self._buf[self.row]
-        row[:, _MIN].scatter_reduce_(0, idx, vals[:k], "amin")  # NaN propagates, as min/max do
-        row[:, _MAX].scatter_reduce_(0, idx, vals[k:], "amax")
-        self._sent_min, self._sent_max, self._sent_slot = [], [], []
+        if self._sent_slot:
+            k = len(self._sent_slot)
+            vals = torch.stack(self._sent_min + self._sent_max).to(torch.float32)
+            idx = torch.tensor(self._sent_slot, dtype=torch.int64).to(self.device, non_blocking=True)
+            row[:, _MIN].scatter_reduce_(0, idx, vals[:k], "amin")  # NaN propagates, as min/max do
+            row[:, _MAX].scatter_reduce_(0, idx, vals[k:], "amax")
+        if self._sent_units and self._ur >= 0:
+            # watched streams without full statistics: max = the max of their per-unit maxima (one scatter for
+            # all); the min column gets a placeholder (the least per-unit maximum), flagged in `minless`
+            slots = tuple(self._sent_units)
+            views = [self._uviews[s][self._ur] for s in slots]
+            key = (slots, tuple(v.numel() for v in views))
+            idx = self._unit_index.get(key)
+            if idx is None:
+                if len(self._unit_index) > 64:
+                    self._unit_index.clear()
+                idx = self._unit_index[key] = torch.as_tensor(
+                    np.repeat(np.asarray(slots, np.int64), [v.numel() for v in views]), device=self.device)
+            vals = torch.cat([v.to(torch.float32) for v in views]) if len({v.dtype for v in views}) > 1 \
+                else torch.cat(views).to(torch.float32)
+            row[:, _MAX].scatter_reduce_(0, idx, vals, "amax")
+            row[:, _MIN].scatter_reduce_(0, idx, vals, "amin")
+        self._sent_min, self._sent_max, self._sent_slot, self._sent_units = [], [], [], []
 
     def peek(self) -> tuple[int, torch.Tensor, object] | None:
         """Start copying the current row's min/max to the host without waiting (``on_finding="raise"/"stop"``).
@@ -305,14 +352,17 @@ class StatBuffer:
         self.calls[r, slot] += 1
         self.numel[r, slot] += t.numel()
         native = t.dtype in _FLOATS
+        track = channel_dim is not None and slot not in self._bad_channels
+        if track and watch_units and self._watch_units(slot, t, channel_dim, sentinel=not full):
+            return  # a step without full statistics: the per-unit maxima were the sentinel
         # min/max are exact in the tensor's own dtype (bf16/fp16 are never copied to float32 in full); the 0-d
         # results wait in a list and go into the ring in one scatter per step (commit): one kernel per tensor
         mn, mx = torch.aminmax(t)
         self._sent_min.append(mn)
         self._sent_max.append(mx)
         self._sent_slot.append(slot)
-        if channel_dim is not None and (full or watch_units) and slot not in self._bad_channels:
-            self._track_units(slot, t, channel_dim)
+        if track and full and not watch_units:
+            self._track_units(slot, t, channel_dim)  # type: ignore[arg-type]
         if not full:
             return
         self.full[r, slot] += 1
@@ -334,9 +384,9 @@ class StatBuffer:
             row[_SUM] += t.sum(dtype=acc)
             torch.hypot(row[_L2], torch.linalg.vector_norm(t, dtype=acc), out=row[_L2])
 
-    def _track_units(self, slot: int, t: torch.Tensor, cdim: int) -> None:
-        units = t.shape[cdim] if t.dim() else 1
-        ring = self._uring.get(slot)
+    def _unit_start(self, slot: int, units: int) -> torch.Tensor | None:
+        """The slot's last-fired steps (made at its first step: every unit at that step), or ``None`` when its
+        unit count changed between calls (no per-unit tracking for it from then on)."""
         last = self.last_fired.get(slot)
         if last is None:
             with torch.inference_mode(False):
@@ -344,57 +394,102 @@ class StatBuffer:
             self.last_fired[slot] = last
             self.first_seen[slot] = self.step
             self.unit_steps[slot] = []
-        elif last.numel() != units:  # the unit count changes between calls: no per-unit tracking
+        elif last.numel() != units:
             self._bad_channels.add(slot)
             self.last_fired.pop(slot, None)
             self._uring.pop(slot, None)
+            self._uviews.pop(slot, None)
             self.unit_steps.pop(slot, None)
-            return
-        if ring is None or ring.shape != (self.rows, units):
-            with torch.inference_mode(False):
-                ring = self._uring[slot] = torch.zeros((self.rows, units), dtype=torch.float32, device=self.device)
-        r = self.row
-        out = ring[r]
-        first = not self.utracked[r, slot]
-        # per-unit maximum, reduced straight into the ring row (the contiguous trailing dims first: fast)
-        target = out if first and t.dtype == torch.float32 else None
-        if t.dim() <= 1:
-            per_unit = out.copy_(t) if target is not None else t
-        elif cdim == t.dim() - 1:
-            per_unit = torch.amax(t.reshape(-1, units), 0, out=target) if target is not None else \
-                t.reshape(-1, units).amax(0)
-        else:
-            inner = t.flatten(cdim + 1).amax(-1) if t.dim() > cdim + 1 else t
-            flat = inner.reshape(-1, units)
-            per_unit = torch.amax(flat, 0, out=target) if target is not None else flat.amax(0)
-        if first and target is None:
-            out.copy_(per_unit)
-        elif not first:  # another call in the same step: the maximum of both (NaN propagates: "not known")
-            torch.maximum(out, per_unit.to(torch.float32), out=out)
-        if first:
-            self.utracked[r, slot] = True
-            steps = self.unit_steps.setdefault(slot, [])
-            if not steps or steps[-1] != self.step:
-                steps.append(self.step)
-                if len(steps) > 2 * self.unit_steps_kept:
-                    del steps[:-self.unit_steps_kept]
+            return None
+        return last
 
-    def _fold_units(self) -> None:
-        """Fold the ring rows written since the last read into :attr:`last_fired` (a few kernels per unit slot;
-        cold path, idempotent). NaN is "not known", never "did not fire": a NaN step must not make every unit look
-        dead later."""
-        if not self._uring or not self._pending:
+    def _measured_units(self, slot: int) -> None:
+        steps = self.unit_steps.setdefault(slot, [])
+        if not steps or steps[-1] != self.step:
+            steps.append(self.step)
+            if len(steps) > 2 * self.unit_steps_kept:
+                del steps[:-self.unit_steps_kept]
+
+    def _watch_units(self, slot: int, t: torch.Tensor, cdim: int, sentinel: bool) -> bool:
+        """Per-unit maximum of ``t`` into the slot's ring row of this step: ONE reduction (``amax(out=)``) for the
+        first call of a step. Returns whether that was the sentinel too (``sentinel``, first call: nothing else
+        to do for ``t``); the caller takes min/max otherwise."""
+        units = t.shape[cdim] if t.dim() else 1
+        last = self.last_fired.get(slot)
+        if (last is None or last.numel() != units) and self._unit_start(slot, units) is None:
+            return False
+        views = self._uviews.get(slot)
+        if views is None or views[0].numel() != units:
+            with torch.inference_mode(False):
+                ring = self._uring[slot] = torch.full((UNIT_ROWS, units), -math.inf, dtype=t.dtype,
+                                                      device=self.device)
+                views = self._uviews[slot] = list(ring.unbind(0))
+                if self._ustep is None:
+                    self._ustep = torch.full((UNIT_ROWS, 1), math.nan, dtype=torch.float32, device=self.device)
+        if self._ur < 0:
+            self._next_unit_row()
+        view = views[self._ur]
+        mark = (self._ucycle, self._ur)
+        first = self._uwrote.get(slot) != mark
+        key = (t.dim(), cdim)
+        dims = self._udims.get(key)
+        if dims is None:
+            dims = self._udims[key] = tuple(d for d in range(t.dim()) if d != cdim)
+        if first and t.dtype == view.dtype:
+            if dims:
+                torch.amax(t, dims, out=view)
+            else:
+                view.copy_(t)
+        else:
+            per_unit = torch.amax(t, dims) if dims else t
+            if first:
+                view.copy_(per_unit)
+            else:  # another call in the same step: the maximum of both (NaN propagates: "not known")
+                torch.maximum(view, per_unit.to(view.dtype), out=view)
+        if first:
+            self._uwrote[slot] = mark
+            self._measured_units(slot)
+        use = sentinel and (first or self.minless[self.row, slot])
+        if use and not self.minless[self.row, slot]:
+            self.minless[self.row, slot] = True
+            self._sent_units.append(slot)
+        return use
+
+    def _track_units(self, slot: int, t: torch.Tensor, cdim: int) -> None:
+        """Full steps of a stream not watched every step: the per-unit maximum updates the last-fired steps."""
+        if t.dim() <= 1:
+            per_unit = t
+        elif cdim == t.dim() - 1:
+            per_unit = t.reshape(-1, t.shape[-1]).amax(0)
+        else:
+            per_unit = t.flatten(cdim + 1).amax(-1) if t.dim() > cdim + 1 else t
+            per_unit = per_unit.reshape(-1, t.shape[cdim]).amax(0) if cdim > 0 else per_unit
+        last = self._unit_start(slot, per_unit.numel())
+        if last is None:
+            return
+        self._measured_units(slot)
+        # NaN is "not known", never "did not fire": a NaN step must not make every unit look dead later
+        last.masked_fill_(per_unit.le(0).logical_not_(), float(self.step))
+
+    def _fold_units(self, reset: bool = False) -> None:
+        """Fold the unit ring rows into :attr:`last_fired` (a few kernels per watched slot, off the hooks, no
+        host sync; idempotent). A unit fired at a ring row's step when its maximum there is not <= 0: NaN is "not
+        known", never "did not fire", and a row the slot did not write holds -inf. ``reset``: empty the ring."""
+        if not self._uring or self._ustep is None:
             return
         for slot, ring in self._uring.items():
             last = self.last_fired.get(slot)
-            rows = [r for r in self._pending if self.utracked[r, slot]]
-            if last is None or not rows:
+            if last is None:
                 continue
-            idx = torch.as_tensor(rows, device=ring.device)
-            fired = ring.index_select(0, idx).le(0).logical_not_()
-            steps = torch.as_tensor(self.steps[rows].astype(np.float32), device=ring.device)[:, None]
-            stamp = torch.where(fired, steps, torch.full_like(steps, -math.inf)).amax(0)
+            fired = ring.le(0).logical_not_()
+            stamp = torch.where(fired, self._ustep, -math.inf).amax(0)
             torch.maximum(last, stamp, out=last)
+            if reset:
+                ring.fill_(-math.inf)
+        if reset:
+            self._upos = 0
+            self._ur = -1
+            self._ucycle += 1
 
     def observe_params(self, column: int, modules: torch.Tensor, host_modules: np.ndarray,
                        squares: torch.Tensor) -> None:
@@ -428,7 +523,7 @@ class StatBuffer:
     def read(self) -> tuple[HostRows, dict[int, np.ndarray]]:
         """Copy every row written since the last read, and the unit windows, to the host in ONE copy."""
         self.commit()
-        self._fold_units()
+        self._fold_units(reset=True)
         rows = list(self._pending)
         n = len(rows)
         slots = self.slots
@@ -463,7 +558,7 @@ class StatBuffer:
             off += k
         host = HostRows(self.steps[rows].copy(), dev, self.calls[rows].copy(), self.numel[rows].copy(),
                         self.full[rows].copy(), [list(self.order[r]) for r in rows], self.counted[rows].copy(),
-                        scale, params)
+                        scale, params, self.minless[rows].copy())
         self._pending = []
         return host, units
 
@@ -473,7 +568,8 @@ class StatBuffer:
         self._sent_min, self._sent_max, self._sent_slot = [], [], []
         self.device = None
         self.last_fired = {}
-        self._uring = {}
+        self._uring, self._uviews, self._ustep, self._uwrote, self._unit_index = {}, {}, None, {}, {}
+        self._upos, self._ur, self._sent_units = 0, -1, []
         self._pending = []
         self.step = -1
 
@@ -512,7 +608,8 @@ def pack_rows(host: HostRows, units: dict[int, np.ndarray]) -> np.ndarray:
     params = host.params if host.params is not None else np.zeros((n, 0, len(PARAM_COLUMNS)))
     parts = [np.array([n, slots, len(units), params.shape[1]], np.float64), host.steps.astype(np.float64),
              host.dev.astype(np.float64).ravel(), host.calls.ravel(), host.numel.ravel(), host.full.ravel(),
-             host.counted.ravel(), host.scale.astype(np.float64).ravel(), order.ravel(), params.ravel()]
+             host.counted.ravel(), host.scale.astype(np.float64).ravel(), order.ravel(), params.ravel(),
+             (host.minless if host.minless is not None else np.zeros((n, slots), bool)).ravel()]
     for s, arr in sorted(units.items()):
         parts += [np.array([s, arr.size], np.float64), arr.astype(np.float64)]
     return np.concatenate([p.astype(np.float64).ravel() for p in parts])
@@ -535,12 +632,13 @@ def _unpack_rows(vec: np.ndarray) -> tuple[HostRows, dict[int, np.ndarray]]:
     pos = take(n * slots, (n, slots))
     p = len(PARAM_COLUMNS)
     params = take(n * npar * p, (n, npar, p)).copy() if npar else None
+    minless = take(n * slots, (n, slots)) > 0
     order = [[int(s) for s in np.argsort(np.where(p >= 0, p, np.inf), kind="stable") if p[s] >= 0] for p in pos]
     units = {}
     for _ in range(nu):
         s, k = (int(x) for x in take(2, (2,)))
         units[s] = take(k, (k,)).astype(np.float32)
-    return HostRows(steps, dev, calls, numel, full, order, counted, scale, params), units
+    return HostRows(steps, dev, calls, numel, full, order, counted, scale, params, minless), units
 
 
 def merge_ranks(vectors: list[np.ndarray]) -> tuple[HostRows, dict[int, np.ndarray]]:
@@ -570,7 +668,9 @@ def merge_ranks(vectors: list[np.ndarray]) -> tuple[HostRows, dict[int, np.ndarr
     merged = HostRows(base.steps[:n], out.astype(np.float32),
                       *(sum(getattr(h, f)[:n, :slots] for h in hosts) for f in ("calls", "numel", "full")),
                       order, sum(h.counted[:n, :slots] for h in hosts), base.scale[:n],
-                      None if base.params is None else base.params[:n])  # parameters: replicated, rank 0's
+                      None if base.params is None else base.params[:n],  # parameters: replicated, rank 0's
+                      np.any([h.minless[:n, :slots] for h in hosts if h.minless is not None], axis=0)
+                      if any(h.minless is not None for h in hosts) else None)
     units: dict[int, np.ndarray] = {}
     for _, u in ranks:
         for s, arr in u.items():

@@ -28,10 +28,12 @@ ALLOWED = {
     "mixin": set(), "extract": {"selection", "errors", "hooks"}, "gradcam": {"selection", "errors"},
     "figures": set(), "compose": {"figures", "vocab"}, "drawing": {"compose", "figures"},
     "render": {"compose", "drawing", "figures", "vocab"}, "sinks": set(), "record": {"findings", "sinks"},
-    "report": {"findings", "record", "sinks", "vocab"}, "output": {"config", "findings", "record", "sinks", "render", "report"},
+    "report": {"findings", "record", "sinks", "vocab"},
+    "output": {"config", "findings", "record", "sinks", "render", "report", "statlog"},
+    "statlog": set(), "diff": {"record", "statlog", "sinks", "vocab"},
     "config": {"diagnose", "errors", "selection", "vocab"},
-    "run": {"config", "errors", "findings", "gradcam", "hooks", "mixin", "output", "record", "selection", "session",
-            "vocab"},
+    "run": {"config", "errors", "findings", "gradcam", "hooks", "history", "mixin", "output", "record", "selection",
+            "session", "vocab"},
 }
 
 
