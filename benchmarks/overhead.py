@@ -1253,7 +1253,7 @@ SHORT_VARIANTS: list[Variant] = [
                                        figures=None, signals=("parameter",))),
     Variant("probe_leaves_every_step", "FeatureProbe, every_n_steps=1 (figures off), on every leaf module",
             lambda m, c: feature_probe(c, leaf_names(m), "probe_leaves_every_step", len(leaf_names(m)),
-                                       figures=None, every_n_steps=1), 1.20, True),
+                                       figures=None, full_stats_every_n_steps=1), 1.20, True),
     Variant("floor_blocks", "one torch.aminmax per output and per output grad, on the blocks",
             lambda m, c: floor_hooks(m, block_names(m))),
     Variant("floor_leaves", "one torch.aminmax per output and per output grad, on every leaf module",

@@ -491,11 +491,10 @@ def find_dead(st: Diagnosis, step: int, units: Mapping[int, np.ndarray], first_s
                 st.active.add(key)
                 k = max(1, math.ceil(thr * last.size))
                 when = int(min(np.sort(dead_from)[k - 1], step))
-                if measured:
-                    obs = [x for x in measured if x <= when]
-                    since = int(obs[max(len(obs) - t.dead_window, 0)]) if obs else max(when - t.dead_window + 1, 0)
-                else:
-                    since = max(when - t.dead_window + 1, 0)
+                # the onset: the first step on which the dead units no longer fired (the stream's first step for
+                # units that never fired); incidents keep a dead finding whose onset precedes an instability
+                raw = np.asarray(last, np.float64)[dead]
+                since = int(np.where(raw <= fs, fs, raw + 1).min()) if raw.size else max(when - t.dead_window + 1, 0)
                 every = measured is None or (len(measured) and measured[-1] - measured[0] + 1 == len(measured))
                 on = "steps" if every else "steps it ran"
                 out.append(streams.emit(s, "dead", when, frac, thr,

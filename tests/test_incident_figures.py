@@ -1,6 +1,6 @@
 """The evidence of an incident at real scale is never dropped (issue 24): torchvision resnet18, every module probed
 (``net.**``: 75 streams), torch on every core, figures every 25 steps, every figure waited for, a NaN entering at
-``net.layer3.0.bn1`` at step 40. Run several times in a row: the cause's activation and gradient figures of the
+``net.layer3.0.bn1`` at step 28 (after the figure steps 0 and 25). Run several times in a row: the cause's activation and gradient figures of the
 step that fired and of the step before exist every time, and the report shows them with their steps.
 
 The NaN is put in by a forward hook of the test's own (registered before the probe's, so the probe sees the
@@ -20,7 +20,7 @@ from models import Classifier, make_loader, make_trainer
 
 torchvision = pytest.importorskip("torchvision")
 
-CAUSE, BUG_STEP, STEPS = "net.layer3.0.bn1", 40, 45
+CAUSE, BUG_STEP, STEPS = "net.layer3.0.bn1", 28, 30
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
@@ -48,9 +48,12 @@ def every_core():
 
 @pytest.mark.parametrize("repeat", range(3))
 def test_cause_figures_at_and_before_the_step_that_fired(tmp_path, every_core, repeat):
+    # the layer figures only (the timeline and parameter histograms are not the evidence asked for here), 8 routine
+    # layers per figure step besides those with findings: the suite's time; the queue still fills (max 34 jobs)
     probe = FeatureProbe(probes=["net.**"], save_dir=str(tmp_path / "probe"), figure_every_n_steps=25,
-                         figure_wait_s=None, log_to_wandb=False)
-    loader = make_loader(n=8 * STEPS, batch_size=8, image=(3, 32, 32))
+                         figure_wait_s=None, log_to_wandb=False, figures=("activations", "gradients"),
+                         max_figure_layers=8)
+    loader = make_loader(n=4 * STEPS, batch_size=4, image=(3, 32, 32))
     make_trainer(tmp_path, callbacks=[probe], max_steps=STEPS, log_every_n_steps=50).fit(NaNAt(), loader)
     assert len(probe.session.slot_names) >= 140  # every stream of resnet18 (activation and gradient)
     cause = next(f for f in probe.findings if f.cause and f.incident == 0)
