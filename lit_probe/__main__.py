@@ -329,8 +329,9 @@ def _where(out: Path, wandb: str) -> str:
                      f"folders, e.g. {example})")
     else:
         lines.append(f"  {'figures':<15}none drawn (see --figure-every); would be in {probe}/<layer>/")
-    for name in ("summary.md", "findings.jsonl"):
-        lines.append(f"  {name:<15}{probe / name}")
+    for name in ("run.json", "summary.md", "findings.jsonl", "stats.bin"):
+        if (probe / name).exists() or name != "stats.bin":
+            lines.append(f"  {name:<15}{probe / name}")
     lines.append(f"  {'CSV logs':<15}{out / 'csv'}")
     if (out / "tensorboard").is_dir():
         lines.append(f"  {'TensorBoard':<15}{out / 'tensorboard'}  (tensorboard --logdir {out / 'tensorboard'})")
