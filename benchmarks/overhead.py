@@ -67,6 +67,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 SCHEMA_VERSION = 2
 SECTIONS = ("long", "scaling", "kernels", "short")
+#: Sections run only when named (not part of "all"): "small" is the short step on one core and on every core.
+EXTRA_SECTIONS = ("small",)
+ALL_SECTIONS = SECTIONS + EXTRA_SECTIONS
 
 
 def _import_lightning() -> Any:
@@ -927,6 +930,98 @@ def markdown_scaling(res: dict[str, Any]) -> str:
 
 
 # ==============================================================================================================
+# Section "small": the short step on one core and on every core (issue 22), one table
+# ==============================================================================================================
+
+
+def section_small(args: argparse.Namespace, ctx: Context) -> dict[str, Any]:
+    """The long section's method at a small step (resnet18 32x32 batch 16, default configuration with figures):
+    blocks and every leaf with ``--threads`` (A B A C A), the blocks again with threads = cores (A B A); mlp50 (the
+    scaling section's residual MLP, 49 modules) with ``--threads``; the kernels section's host time per tensor."""
+    t0 = time.perf_counter()
+    base = dict(vars(args))
+
+    def sub(**kw: Any) -> argparse.Namespace:
+        return argparse.Namespace(**{**base, "long_size": args.small_size, "long_batch": args.small_batch,
+                                     "long_steps": args.small_steps, "long_rounds": 1, **kw})
+
+    parts: dict[str, Any] = {}
+    parts["one"] = section_long(sub(long_variants=["blocks", "leaves"]), ctx)
+    cores = args.small_cores or os.cpu_count() or 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    try:
+        parts["every"] = section_long(sub(long_variants=["blocks"]), ctx)
+    finally:
+        torch.set_num_threads(threads)
+    parts["mlp"] = section_scaling(sub(scaling_sizes=[50], scaling_models=[], scaling_steps=args.small_mlp_steps), ctx)
+    parts["kernels"] = section_kernels(args, ctx)
+    rows: list[dict[str, Any]] = []
+    targets = []
+    limits = {("one", "probe_blocks"): 1.04, ("one", "probe_leaves"): 1.08, ("every", "probe_blocks"): 1.10}
+    for part, nthreads in (("one", threads), ("every", cores)):
+        long_rows = parts[part]["rows"]
+        base_row = long_rows.get("no_probe", {})
+        for name, r in long_rows.items():
+            if name == "no_probe":
+                continue
+            row = {"run": f"resnet18 {args.small_size}x{args.small_size} batch {args.small_batch}", "threads": nthreads,
+                   "variant": name, "status": r.get("status"), "error": r.get("error"),
+                   "modules": r.get("n_probed"), "no_probe_mean_step_ms": base_row.get("mean_step_ms"),
+                   "mean_step_ms": r.get("mean_step_ms"), "ratio_mean": r.get("ratio_mean"),
+                   "ratio_median": r.get("ratio_median"), "fit_end_s": r.get("fit_end_s"),
+                   "findings": r.get("findings"), "limit": limits.get((part, name))}
+            rows.append(row)
+            if row["limit"] is not None:
+                targets.append(_target(f"small {name} ({nthreads} thread{'s' if nthreads > 1 else ''}): whole-loop "
+                                       f"ratio <= {row['limit']:.2f}x", row["ratio_mean"], row["limit"]))
+    for r in parts["mlp"]["rows"]:
+        rows.append({"run": f"{r['model']} (residual MLP)", "threads": threads, "variant": "net.**",
+                     "status": r.get("status"), "error": r.get("error"), "modules": r.get("n_probed"),
+                     "no_probe_mean_step_ms": r.get("no_probe_mean_step_ms"), "mean_step_ms": r.get("probe_mean_step_ms"),
+                     "ratio_mean": r.get("ratio_mean"), "ratio_median": r.get("ratio_median"),
+                     "fit_end_s": r.get("probe_fit_end_s"), "findings": r.get("findings"), "limit": 2.0})
+        targets.append(_target(f"small {r['model']}: whole-loop ratio <= 2.00x", r.get("ratio_mean"), 2.0))
+    kernel = [r for r in parts["kernels"]["rows"] if "sentinel" in r.get("case", "") and r.get("host_us_per_tensor")
+              is not None and "bf16" not in r["case"]]
+    targets += parts["kernels"]["targets"]
+    config = {"size": args.small_size, "batch": args.small_batch, "steps": args.small_steps, "threads": threads,
+              "cores": cores, "mlp_steps": args.small_mlp_steps,
+              "figure_every_n_steps": parts["one"]["config"]["figure_every_n_steps"],
+              "log_every_n_steps": parts["one"]["config"]["log_every_n_steps"]}
+    return {"config": config, "rows": rows, "kernel_rows": kernel, "parts": parts, "targets": targets,
+            "wall_s": time.perf_counter() - t0}
+
+
+def markdown_small(res: dict[str, Any]) -> str:
+    c = res["config"]
+    fig = f"figures every {c['figure_every_n_steps']} steps" if c["figure_every_n_steps"] else "figures off"
+    lines = [(f"**The short step, on one core and on every core**: resnet18 {c['size']}x{c['size']} batch {c['batch']}, "
+              f"{c['steps']} steps per fit, FeatureProbe default configuration ({fig}, parameters, flight recorder, "
+              f"log step every {c['log_every_n_steps']}), fits A B A C A with {c['threads']} torch thread(s) and A B A "
+              f"with {c['cores']} (every core); mlp50: the residual MLP of the scaling section, {c['mlp_steps']} steps, "
+              "A B A; ratios: the whole loop's mean step over the mean of the no-probe fits on either side."),
+             "",
+             ("| run | torch threads | probes | modules | no probe mean step ms | probe mean step ms | ratio mean "
+              "| ratio median | fit end s | findings | target |"),
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in res["rows"]:
+        lim = f"<= {r['limit']:.2f}x" if r.get("limit") else ""
+        if r.get("status") != "ok":
+            lines.append(f"| {r['run']} | {r['threads']} | {r['variant']} | {r.get('status')}: {_md(r.get('error'))} |"
+                         + " |" * 6 + f" {lim} |")
+            continue
+        lines.append(f"| {r['run']} | {r['threads']} | {r['variant']} | {r.get('modules') or ''} | "
+                     f"{_fmt(r.get('no_probe_mean_step_ms'))} | {_fmt(r.get('mean_step_ms'))} | "
+                     f"{_fmt(r.get('ratio_mean'), 3, 'x')} | {_fmt(r.get('ratio_median'), 3, 'x')} | "
+                     f"{_fmt(r.get('fit_end_s'), 2)} | {'' if r.get('findings') is None else r['findings']} | {lim} |")
+    for k in res.get("kernel_rows", []):
+        lines.append(f"| {k['case']} (host us / observed tensor) | {res['config']['threads']} | | | | | "
+                     f"{_fmt(k.get('host_us_per_tensor'), 2)} us | | | | <= 10 us |")
+    return "\n".join(lines)
+
+
+# ==============================================================================================================
 # Section "kernels": host time and aten ops per observed tensor
 # ==============================================================================================================
 
@@ -1486,6 +1581,7 @@ FULL: dict[str, Any] = {
     "scaling_size": 128, "scaling_batch": 16, "scaling_mlp_batch": 32, "scaling_log_every": 50,
     "kernel_modules": 200, "kernel_batch": 32, "kernel_reps": 15, "kernel_inner": 10,
     "memory_rounds": 1, "long_figure_every": None, "scaling_figure_every": None,  # None: FeatureProbe's default
+    "small_size": 32, "small_batch": 16, "small_steps": 1100, "small_cores": 0, "small_mlp_steps": 300,
 }
 QUICK: dict[str, Any] = {
     "size": 32, "batch": 4, "rounds": 1, "steps": 6, "warmup": 1, "memory_rounds": 1,
@@ -1493,6 +1589,7 @@ QUICK: dict[str, Any] = {
     "long_log_every": 4, "long_window": 8, "long_rss_every": 4, "long_figure_every": 0,
     "scaling_steps": 6, "scaling_sizes": "50", "scaling_models": "", "scaling_figure_every": 0,
     "scaling_log_every": 3, "kernel_modules": 20, "kernel_batch": 8, "kernel_reps": 2, "kernel_inner": 2,
+    "small_batch": 2, "small_steps": 8, "small_mlp_steps": 4,
 }
 QUICK_SKIP = ("wandb_watch_100", "probe_leaves_every_step", "probe_leaves_params_only", "floor_leaves", "naive_blocks", "detect_anomaly",
               "wandb_watch_1")
@@ -1501,7 +1598,8 @@ QUICK_SKIP = ("wandb_watch_100", "probe_leaves_every_step", "probe_leaves_params
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--section", default="all", help=f"comma-separated: {', '.join(SECTIONS)} or all")
+    p.add_argument("--section", default="all", help=f"comma-separated: {', '.join(ALL_SECTIONS)}, or all (= "
+                   f"{', '.join(SECTIONS)})")
     p.add_argument("--quick", action="store_true", help="smoke run of every section: tiny models and steps")
     p.add_argument("--json", dest="json_path", default=None, help="write every raw number to this file")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -1532,6 +1630,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scaling-log-every", type=int, default=None)
     g.add_argument("--scaling-figure-every", type=int, default=None,
                    help="figure_every_n_steps (default: FeatureProbe's own default; 0 = off)")
+    g = p.add_argument_group("small (only when named: --section small; defaults: " + ", ".join(
+        f"{k}={FULL[k]}" for k in FULL if k.startswith("small")) + ")")
+    g.add_argument("--small-size", type=int, default=None)
+    g.add_argument("--small-batch", type=int, default=None)
+    g.add_argument("--small-steps", type=int, default=None, help="steps per resnet18 fit")
+    g.add_argument("--small-cores", type=int, default=None, help="threads of the every-core run (0: os.cpu_count())")
+    g.add_argument("--small-mlp-steps", type=int, default=None, help="steps per mlp50 fit")
     g = p.add_argument_group("kernels (defaults: " + ", ".join(f"{k}={FULL[k]}" for k in FULL
                                                                  if k.startswith("kernel")) + ")")
     g.add_argument("--kernel-modules", type=int, default=None, help="probed modules of the MLP")
@@ -1572,9 +1677,9 @@ def configure(args: argparse.Namespace) -> list[str]:
     if args.warmup >= args.steps:
         raise SystemExit(f"--warmup ({args.warmup}) must be smaller than --steps ({args.steps})")
     sections = list(SECTIONS) if args.section == "all" else _csv(args.section)
-    unknown = [s for s in sections if s not in SECTIONS]
+    unknown = [s for s in sections if s not in ALL_SECTIONS]
     if unknown:
-        raise SystemExit(f"--section: unknown {unknown}; known: {', '.join(SECTIONS)}, all")
+        raise SystemExit(f"--section: unknown {unknown}; known: {', '.join(ALL_SECTIONS)}, all")
     if "short" in sections:
         short_names(args)  # fail early on an unknown variant
     return sections
@@ -1663,11 +1768,12 @@ def _run(args: argparse.Namespace, sections: list[str], device: str) -> dict[str
     info = machine_info(device)
     t_start = time.perf_counter()
     results: dict[str, Any] = {}
-    runners = {"long": section_long, "scaling": section_scaling, "kernels": section_kernels, "short": section_short}
+    runners = {"long": section_long, "scaling": section_scaling, "kernels": section_kernels, "short": section_short,
+               "small": section_small}
     with tempfile.TemporaryDirectory(prefix="lit_probe_overhead_") as tmp, _quiet():
         ctx = Context(tmp=tmp, device=device, wandb_log=args.wandb_log)
         try:
-            for name in SECTIONS:
+            for name in ALL_SECTIONS:
                 if name in sections:
                     _log(f"== section {name}")
                     try:
@@ -1678,7 +1784,7 @@ def _run(args: argparse.Namespace, sections: list[str], device: str) -> dict[str
             ctx.close()
     with contextlib.suppress(OSError):
         info["loadavg_at_end"] = os.getloadavg()
-    targets = [t for name in SECTIONS if name in results for t in results[name].get("targets", [])]
+    targets = [t for name in ALL_SECTIONS if name in results for t in results[name].get("targets", [])]
     result: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "machine": info,
                               "config": {"sections": sections, "quick": args.quick, "threads": args.threads,
                                          "device": device, "precision": args.precision, "seed": args.seed},
@@ -1690,8 +1796,8 @@ def _run(args: argparse.Namespace, sections: list[str], device: str) -> dict[str
           + f"; load average {info.get('loadavg_at_start')} -> {info.get('loadavg_at_end')}"
           + ("; --quick: smoke settings, not measurements" if args.quick else ""))
     printers = {"long": markdown_long, "scaling": markdown_scaling, "kernels": markdown_kernels,
-                "short": lambda r: markdown_short(r, device)}
-    for name in SECTIONS:
+                "short": lambda r: markdown_short(r, device), "small": markdown_small}
+    for name in ALL_SECTIONS:
         if name not in results:
             continue
         r = results[name]

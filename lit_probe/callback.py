@@ -20,7 +20,7 @@ from .mixin import declared_probe_points
 from .output import ProbeWarning
 from .run import ProbeRun
 from .selection import validate_patterns
-from .trainer import check_strategy, is_last_batch, scaler_scale, strategy_gather
+from .trainer import check_strategy, is_last_batch, scaler_scale, strategy_gather, tensor_parallel_size
 from .vocab import ACTIVATION, FIGURE_KINDS, GRADIENT, PARAMETER
 
 __all__ = ["ProbeCallback", "ProbeWarning"]
@@ -177,10 +177,18 @@ class ProbeCallback:
         many = trainer.world_size > 1
         self.run = ProbeRun(
             pl_module, config=self.config, loggers=trainer.loggers, loss_scale=lambda: scaler_scale(trainer),
-            gather=strategy_gather(trainer.strategy) if many else None,
+            gather=strategy_gather(trainer.strategy) if many else None, tensor_parallel=tensor_parallel_size(trainer),
             reduce_any=(lambda d: trainer.strategy.reduce_boolean_decision(d, all=False)) if many else None,
             is_zero=trainer.is_global_zero, default_log_every=getattr(trainer, "log_every_n_steps", 50),
             default_save_dir=str(Path(trainer.default_root_dir) / "probe"), loop="lightning")
+        # a strategy that restores the checkpoint after its setup (ModelParallelStrategy) does so after this hook:
+        # the run opens at train start, with the probe state of the checkpoint
+        self._open_later = bool(getattr(trainer.strategy, "restore_checkpoint_after_setup", False))
+        if not self._open_later:
+            self._open(trainer)
+
+    def _open(self, trainer: Any) -> None:
+        assert self.run is not None
         if self._pending_state is not None:
             self.run.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -188,10 +196,15 @@ class ProbeCallback:
         # Lightning calls on_before_optimizer_step before it clips: no step pre-hooks (they would see clipped grads)
         self.run.bind_optimizers(list(getattr(trainer, "optimizers", []) or []), hook_steps=False)
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.run is not None and self.__dict__.get("_open_later"):
+            self._open_later = False
+            self._open(trainer)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.run is not None:
             self._step = trainer.global_step
-            self.run.begin_step(self._step, batch)
+            self.run.begin_step(self._step, batch, batch_index=batch_idx, epoch=trainer.current_epoch)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self.run is not None:

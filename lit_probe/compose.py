@@ -226,14 +226,16 @@ class Drawer:
     # -- one maker per job kind: yields (layer, figure, step, make) ---------------------------------
     def layer(self, step: int, layer: str, act: np.ndarray | None, grad: np.ndarray | None,
               dead: np.ndarray | None, layout: str, shape: tuple[int, ...] | None,
-              kinds: list[str]) -> Iterator[_Maker]:
-        """Feature grids of the activation (dead units marked) and the gradient, and their histograms."""
+              kinds: list[str], source: str = "") -> Iterator[_Maker]:
+        """Feature grids of the activation (dead units marked) and the gradient, and their histograms.
+        ``source``: whose tensor it is under several processes, said in the titles."""
         mc = self.max_channels
+        whose = f" · {source}" if source else ""
 
         def grid(arr: np.ndarray, figure: str, diverging: bool) -> Figure:
             view, axis = sample_view(arr, layout)
             cov = coverage_text(arr.shape, shape, layout, part="grid", max_channels=mc)
-            title = f"{layer} · {figure} · step {step} · {cov}"
+            title = f"{layer} · {figure} · step {step} · {cov}{whose}"
             vr, note = self._range(layer, figure, view, diverging)
             return feature_grid(view, title=title, diverging=diverging, vrange=vr,
                                 dead=None if diverging else dead, max_channels=mc, channel_axis=axis,
@@ -250,7 +252,7 @@ class Drawer:
                     if arr is not None:
                         cov = coverage_text(arr.shape, shape, layout, part="all")
                         panels.append((f"{name}: {cov} · {arr.size:,} values", arr))
-                return histograms(panels, title=f"{layer} · histograms · step {step}", bins=self.bins)
+                return histograms(panels, title=f"{layer} · histograms · step {step}{whose}", bins=self.bins)
 
             yield layer, "histograms", step, hist
 

@@ -12,8 +12,12 @@ out of band, written straight from the arrays and read straight into the arrays'
 pickle blob on either side). The parent sends an init dict (``dpi``, ``bins``, ``max_channels``, ``scales``),
 then :class:`~lit_probe.compose.Job` objects and finally ``"stop"``; the child answers ``("ready", pid)``
 once, then ``("done", job_id, Result)`` per job. The child's own prints go to stderr. It ignores SIGINT (the
-training process decides), runs at a lower priority (``nice`` +5) and exits on the stop message, when its
-stdin closes or when its parent is gone.
+training process decides), starts at ``nice`` +5 and, once ready, draws at the lowest priority (``nice`` 19 and
+``SCHED_BATCH`` on Linux: about 1.5 % of a core while a training thread wants it, never preempting one on wakeup;
+every idle cycle otherwise), with one thread per numeric library, and exits on the stop message, when its stdin
+closes or when its parent is gone. A training that uses every core (``torch.set_num_threads(cores)``) is then not
+slowed by drawing: its figures are drawn in the cycles it leaves idle, and at fit end (bounded by
+``figure_wait_s``).
 
 The queue that feeds it, and what happens when it cannot start, is :mod:`lit_probe.render`'s. This module
 imports neither torch, lightning nor wandb.
@@ -36,7 +40,9 @@ from .figures import ColorScale
 __all__ = ["child_command", "child_env", "child_main", "end_process", "read_frame", "start_child",
            "write_frame"]
 
-CHILD_NICE = 5
+CHILD_NICE = 5  # while it starts (imports matplotlib): ready soon even on a busy machine
+#: The niceness it draws at once ready: the lowest priority, so that it takes only cycles the training leaves idle.
+DRAW_NICE = 19
 _HEAD = struct.Struct("<QQ")  # pickle bytes, number of out-of-band buffers
 
 
@@ -89,6 +95,22 @@ def _watch_parent(parent: int) -> None:
             os._exit(0)
 
 
+def _lower_priority() -> None:
+    """Draw at the lowest priority (:data:`DRAW_NICE`, and ``SCHED_BATCH`` where there is one): a drawing process
+    beside a training that uses every core would otherwise take a share of one core from a training thread, and
+    every parallel region of the training waits for its slowest thread."""
+    try:
+        os.nice(max(0, DRAW_NICE - os.nice(0)))
+    except (OSError, AttributeError):
+        pass
+    batch = getattr(os, "SCHED_BATCH", None)
+    if batch is not None:
+        try:
+            os.sched_setscheduler(0, batch, os.sched_param(0))
+        except (OSError, AttributeError):
+            pass
+
+
 def child_main(parent: int) -> None:
     """Entry point of the drawing process: read jobs from stdin, write results to stdout, until "stop"."""
     import signal
@@ -113,6 +135,7 @@ def child_main(parent: int) -> None:
             scales[key] = sc
         drawer = Drawer(scales=scales, **init)
         write_frame(out, ("ready", os.getpid()))
+        _lower_priority()
         while True:
             job = read_frame(inp)
             if job is None or job == "stop":

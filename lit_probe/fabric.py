@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .run import ProbeRun
-from .trainer import check_strategy, strategy_gather
+from .trainer import check_strategy, strategy_gather, tensor_parallel_size
 
 __all__ = ["probe_fabric"]
 
@@ -52,7 +52,7 @@ def probe_fabric(fabric: Any, model: Any, probes: Optional[Sequence[str]] = None
     log_dir = next((getattr(lg, "log_dir", None) for lg in fabric.loggers if getattr(lg, "log_dir", None)), None)
     scaler = getattr(getattr(strategy, "precision", None), "scaler", None)
     return ProbeRun(model, probes, optimizers=optimizers, loggers=list(fabric.loggers), loss_scale=scaler,
-                    gather=strategy_gather(strategy) if many else None,
+                    gather=strategy_gather(strategy) if many else None, tensor_parallel=tensor_parallel_size(fabric),
                     reduce_any=(lambda d: strategy.reduce_boolean_decision(d, all=False)) if many else None,
                     is_zero=fabric.is_global_zero, default_save_dir=str(Path(log_dir or ".") / "probe"), loop="fabric",
                     **options)

@@ -11,11 +11,11 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
-from typing import Any
+from typing import Any, Optional
 
 from .vocab import CALL_SEP
 
-__all__ = ["Finding", "Incident", "Severity", "KINDS", "ADVICE", "group_incidents", "incidents_of",
+__all__ = ["Finding", "Incident", "Severity", "KINDS", "ADVICE", "group_incidents", "incidents_of", "origin_text",
            "findings_to_markdown", "listed"]
 
 KINDS = ("nonfinite", "exploding", "lr_too_high", "vanishing", "dead", "not_learning")
@@ -23,6 +23,13 @@ KINDS = ("nonfinite", "exploding", "lr_too_high", "vanishing", "dead", "not_lear
 #: rate too high for a layer comes before both.
 _FAMILY = {"nonfinite": "instability", "exploding": "instability", "lr_too_high": "instability",
            "vanishing": "vanishing", "dead": "dead", "not_learning": "not_learning"}
+#: What a consequence grouped under a cause of another kind is, per (cause kind, consequence kind).
+_CONSEQUENCE = {
+    ("vanishing", "not_learning"): "its gradient vanished, so the optimizer barely moves it (not a learning-rate "
+    "problem)",
+    ("dead", "vanishing"): "the dead units pass (almost) no gradient to the layers before them",
+    ("dead", "not_learning"): "the dead units pass (almost) no gradient to it, so the optimizer barely moves it",
+}
 #: A finding joins an open incident of its family when it comes at most this many steps after the incident's
 #: last finding.
 INCIDENT_GAP = 50
@@ -80,6 +87,12 @@ class Finding:
         stat: the name of the statistic ``value`` is.
         incident: the id of the :class:`Incident` the finding belongs to (-1 before grouping).
         cause: whether this finding is its incident's cause (its first stream and step).
+        ranks: under several processes, the rank(s) where a non-finite value appeared at that step and stream,
+            or the rank with the largest ``|value|`` of an explosion; ``[]`` on one process or for findings on
+            every rank's merged statistics (dead units, vanishing, the parameter rules).
+        batch: the index of the batch within its epoch (``batch_idx``) that ran at :attr:`step`, when the loop
+            said it (``None``: not known, e.g. a step older than the run kept).
+        epoch: that batch's epoch (``None``: not known).
     """
 
     step: int
@@ -93,6 +106,9 @@ class Finding:
     extra: dict = field(default_factory=dict, compare=False)
     incident: int = -1
     cause: bool = False
+    ranks: list = field(default_factory=list, compare=False)
+    batch: Optional[int] = None
+    epoch: Optional[int] = None
 
     @property
     def severity(self) -> Severity:
@@ -134,10 +150,27 @@ class Finding:
             if k in kw:
                 kw[k] = float(kw[k])
         kw["extra"] = dict(kw.get("extra") or {})
+        kw["ranks"] = [int(r) for r in kw.get("ranks") or []]
         return cls(**kw)
+
+    @property
+    def origin(self) -> str:
+        """Where in the run the finding came from, for people: ``"rank 1 · batch 5 of epoch 0"`` (``""`` when
+        neither is known)."""
+        return origin_text(self.ranks, self.batch, self.epoch)
 
     def __str__(self) -> str:
         return self.message or f"{self.kind} {self.signal} at {self.layer} (step {self.step})"
+
+
+def origin_text(ranks: Any, batch: Optional[int], epoch: Optional[int]) -> str:
+    """``"rank 1 · batch 5 of epoch 0"``, ``"ranks 0, 1"``, ``"batch 5"``, or ``""``."""
+    parts = []
+    if ranks:
+        parts.append(("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(int(r)) for r in ranks))
+    if batch is not None:
+        parts.append(f"batch {int(batch)}" + (f" of epoch {int(epoch)}" if epoch is not None else ""))
+    return " · ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -152,6 +185,9 @@ class Incident:
         layer: the cause's stream.
         layers: the other streams it reached, in the order their findings came.
         count: findings in the incident.
+        consequences: one line per finding of another kind that the cause explains (grouped under it rather than
+            opening an incident of its own, see :func:`group_incidents`): ``"`net.0` not_learning (step 12): ..."``.
+        ranks, batch, epoch: the cause's (:attr:`Finding.ranks`, :attr:`Finding.batch`, :attr:`Finding.epoch`).
     """
 
     id: int
@@ -161,14 +197,25 @@ class Incident:
     layer: str
     layers: tuple[str, ...]
     count: int
+    consequences: tuple[str, ...] = ()
+    ranks: tuple[int, ...] = ()
+    batch: Optional[int] = None
+    epoch: Optional[int] = None
 
     @property
     def advice(self) -> str:
         return ADVICE.get(self.kind, "")
 
+    @property
+    def origin(self) -> str:
+        """Where the cause came from: ``"rank 1 · batch 5 of epoch 0"`` (``""`` when not known)."""
+        return origin_text(self.ranks, self.batch, self.epoch)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = list(self.layers)
+        d["consequences"] = list(self.consequences)
+        d["ranks"] = list(self.ranks)
         return d
 
 
@@ -182,6 +229,14 @@ def group_incidents(previous: list[Finding], new: list[Finding]) -> tuple[list[F
     finding that began after an open instability incident began (the median and the units of a diverging run
     mean nothing; a unit dead *before* the explosion may be its cause and is kept), and a second finding of one
     stream at one step.
+
+    Consequences join their cause's incident instead of opening one (``extra["consequence_of"]``: the cause's
+    kind; the message says so): a ``not_learning`` module that is (in, or contains) a stream of an open
+    ``vanishing`` incident, within :data:`INCIDENT_GAP` steps (its gradient vanished, so it cannot learn); a
+    ``vanishing`` or ``not_learning`` finding from the onset of an open ``dead`` incident on, within the gap,
+    while no vanishing incident is open (dead units pass no gradient to the layers before them). Within one call,
+    ``not_learning`` findings are grouped after the others (both rules need a window of steps; the vanishing one
+    of the same flush may come a step later), and returned in the order given.
 
     Returns:
         ``(kept, dropped)``: the new findings with ``incident`` and ``cause`` set, and those suppressed.
@@ -197,9 +252,16 @@ def group_incidents(previous: list[Finding], new: list[Finding]) -> tuple[list[F
             g[2] = max(g[2], f.step)
         next_id = max(next_id, f.incident + 1)
     seen = {(f.layer, f.step, f.signal == "parameter") for f in previous}
-    kept: list[Finding] = []
+    cause_of: dict[int, Finding] = {f.incident: f for f in previous if f.cause}
+    modules: dict[int, set[str]] = {}  # incident id -> the modules of its findings
+    for f in previous:
+        modules.setdefault(f.incident, set()).add(f.module)
+    placed: dict[int, Finding] = {}
     dropped: list[Finding] = []
-    for f in new:
+    order = [k for k, f in enumerate(new) if f.kind != "not_learning"] + \
+        [k for k, f in enumerate(new) if f.kind == "not_learning"]
+    for k in order:
+        f = new[k]
         fam = _FAMILY.get(f.kind, f.kind)
         inst = groups.get("instability")
         onset = int(f.extra.get("since", f.step)) if f.kind == "dead" else f.step
@@ -212,15 +274,43 @@ def group_incidents(previous: list[Finding], new: list[Finding]) -> tuple[list[F
             dropped.append(f)
             continue
         seen.add(key)
+        host = _explaining(groups, modules, f)
+        if host is not None:
+            g, why = host
+            g[2] = max(g[2], f.step)
+            cause = cause_of.get(g[0])
+            where = f" of incident {g[0]}" + (f" (`{cause.layer}`, step {cause.step})" if cause is not None else "")
+            msg = f"{f.message} A consequence of the {why}{where}, not a separate problem." if f.message else ""
+            placed[k] = replace(f, incident=g[0], cause=False, message=msg or f.message,
+                                extra={**f.extra, "consequence_of": cause.kind if cause is not None else why})
+            modules.setdefault(g[0], set()).add(f.module)
+            continue
         g = groups.get(fam)
         if g is not None and f.step <= g[2] + INCIDENT_GAP:
             g[2] = max(g[2], f.step)
-            kept.append(replace(f, incident=g[0], cause=False))
+            placed[k] = replace(f, incident=g[0], cause=False)
         else:
-            groups[fam] = [next_id, f.step, f.step]
-            kept.append(replace(f, incident=next_id, cause=True))
+            groups[fam] = g = [next_id, f.step, f.step]
+            placed[k] = replace(f, incident=next_id, cause=True)
+            cause_of[next_id] = placed[k]
             next_id += 1
-    return kept, dropped
+        modules.setdefault(g[0], set()).add(f.module)
+    return [placed[k] for k in sorted(placed)], dropped
+
+
+def _explaining(groups: dict[str, list[int]], modules: dict[int, set[str]],
+                f: Finding) -> tuple[list[int], str] | None:
+    """The open incident whose cause explains ``f`` (see :func:`group_incidents`), and what it is."""
+    van, dead = groups.get("vanishing"), groups.get("dead")
+    van_open = van is not None and f.step <= van[2] + INCIDENT_GAP
+    if f.kind == "not_learning" and van is not None and van_open:
+        mine = f.module
+        if any(m == mine or m.startswith(mine + ".") or mine.startswith(m + ".") for m in modules.get(van[0], ())):
+            return van, "vanishing gradient"
+    if f.kind in ("vanishing", "not_learning") and dead is not None and dead[1] <= f.step <= dead[2] + INCIDENT_GAP \
+            and not van_open:
+        return dead, "dead units (they pass no gradient to the layers before them)"
+    return None
 
 
 def incidents_of(findings: list[Finding]) -> list[Incident]:
@@ -232,7 +322,14 @@ def incidents_of(findings: list[Finding]) -> list[Incident]:
     for iid, fs in by_id.items():
         cause = next((f for f in fs if f.cause), fs[0])
         layers = tuple(dict.fromkeys(f.layer for f in fs if f is not cause and f.layer != cause.layer))
-        out.append(Incident(iid, cause.kind, cause.signal, cause.step, cause.layer, layers, len(fs)))
+        consequences = tuple(
+            [f"`{f.layer}` {f.kind} (step {f.step}): {_CONSEQUENCE.get((cause.kind, f.kind), '')}"
+             for f in sorted(fs, key=lambda f: f.step) if f.extra.get("consequence_of")]
+            + [f"blocked (step {f.step}): no gradient at all reaches {listed([f'`{b}`' for b in f.extra['blocked']], 8)}"
+               f", the layers before the dead units of `{f.layer}`" for f in fs
+               if f.kind == "dead" and f.extra.get("blocked")])
+        out.append(Incident(iid, cause.kind, cause.signal, cause.step, cause.layer, layers, len(fs), consequences,
+                            tuple(int(r) for r in cause.ranks), cause.batch, cause.epoch))
     return sorted(out, key=lambda x: (x.step, x.id))
 
 
@@ -252,7 +349,13 @@ def findings_to_markdown(findings: list[Finding], title: str = "lit-probe summar
     for inc in incidents:
         reached = ", ".join(f"`{x}`" for x in inc.layers[:6]) + (f" and {len(inc.layers) - 6} more"
                                                                    if len(inc.layers) > 6 else "")
-        lines.append(f"| {inc.id} | `{inc.layer}` | {inc.signal} | {inc.kind} | {inc.step} | {reached or '-'} |")
+        at = f"{inc.step} ({inc.origin})" if inc.origin else f"{inc.step}"
+        lines.append(f"| {inc.id} | `{inc.layer}` | {inc.signal} | {inc.kind} | {at} | {reached or '-'} |")
+    explained = [inc for inc in incidents if inc.consequences]
+    if explained:
+        lines += ["", "## Consequences (grouped under their cause, not separate problems)", ""]
+        for inc in explained:
+            lines += [f"- incident {inc.id} ({inc.kind} at `{inc.layer}`): {c}" for c in inc.consequences]
     lines += ["", "## What to do", ""]
     for kind in KINDS:
         if any(i.kind == kind for i in incidents):
@@ -260,7 +363,8 @@ def findings_to_markdown(findings: list[Finding], title: str = "lit-probe summar
     lines += ["", "## Findings", "", "| incident | step | stream | signal | kind | value | threshold |",
               "| ---: | ---: | --- | --- | --- | ---: | ---: |"]
     for f in sorted(findings, key=lambda f: (f.incident, f.step)):
-        lines.append(f"| {f.incident} | {f.step} | `{f.layer}` | {f.signal} | {f.kind} | {f.value:.4g} | "
+        at = f"{f.step} ({f.origin})" if f.origin else f"{f.step}"
+        lines.append(f"| {f.incident} | {at} | `{f.layer}` | {f.signal} | {f.kind} | {f.value:.4g} | "
                      f"{f.threshold:.4g} |")
     lines += ["", "## Details", ""] + [f"- step {f.step}: {f.message}" for f in findings]
     return "\n".join(lines) + "\n"

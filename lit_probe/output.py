@@ -190,7 +190,8 @@ class ProbeOutput:
                                                   with_findings)
         for snap in first + rest:
             self.renderer.submit_layer(step, snap.name, snap.activation, snap.gradient, snap.dead,
-                                       layout=snap.layout, shape=snap.shape, priority=snap.name in rank)
+                                       layout=snap.layout, shape=snap.shape, priority=snap.name in rank,
+                                       source=snap.source)
 
     def parameters(self, step: int, hists: Mapping[str, tuple[Any, Any]], numel: Mapping[str, int],
                    with_findings: set[str]) -> None:

@@ -15,11 +15,21 @@ to the :class:`~lit_probe.stats.StatBuffer`'s parameter ring (same row, same one
 
 A module's parameters are its own (``recurse=False``) unless ``scope="recursive"``. Parameters with
 ``requires_grad=False`` are frozen by the user: not measured, said once (:attr:`ParamWatch.frozen`).
+
+**Sharded parameters** (FSDP2's ``fully_shard``, tensor parallelism's ``parallelize_module``: ``DTensor``
+parameters and gradients): each rank measures its local shard (``to_local()``; no gather of the full tensor) and
+the cross-rank merge adds the sums of squares (:func:`lit_probe.stats.merge_ranks`), so a norm is that of the
+whole tensor, exactly as on one process. A replica must count once: when the statistics are merged over
+processes, the ranks tell each other at fit start (one all-gather) which piece of each parameter they hold
+(:func:`piece`: a plain tensor is a replica of the whole, as under DDP; a ``DTensor`` holds the piece its mesh
+coordinates along its sharded dimensions name), and only the first rank holding a piece adds its sums of squares
+(:func:`contributes`). The largest ``|element|`` is merged by a maximum, which replicas do not change, so every
+rank's non-finite element counts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,8 +37,9 @@ import torch
 from torch import nn
 
 from .stats import PARAM_COLUMNS, StatBuffer
+from .vocab import local_tensor as local
 
-__all__ = ["ParamWatch", "PARAM_SCOPES"]
+__all__ = ["ParamWatch", "PARAM_SCOPES", "contributes", "piece"]
 
 PARAM_SCOPES = ("own", "recursive")
 _W, _G, _D, _WMAX, _GMAX = range(len(PARAM_COLUMNS))
@@ -57,6 +68,29 @@ def _absmax(tensors: list[torch.Tensor], device: torch.device, fused: bool) -> t
     return torch.maximum(lo.abs(), hi.abs())  # NaN propagates
 
 
+def piece(p: torch.Tensor) -> int:
+    """Which piece of its whole tensor ``p`` holds on this rank, as a number: 0 for a plain tensor (a replica of
+    the whole), for a ``DTensor`` its coordinates along the mesh dimensions it is sharded on. Two ranks with the
+    same number hold the same elements (replicas: DDP, a tensor-parallel rank's copy of a data-parallel shard)."""
+    placements = getattr(p, "placements", None)
+    if placements is None:
+        return 0
+    coordinate = p.device_mesh.get_coordinate()
+    if coordinate is None:  # this rank holds no piece of it
+        return -1
+    return 1 + sum((c + 1) * 1024 ** d for d, (c, pl) in enumerate(zip(coordinate, placements)) if not
+                   pl.is_replicate())
+
+
+def contributes(pieces: list[np.ndarray], rank: int) -> np.ndarray:
+    """Per parameter: whether ``rank`` is the first rank holding its piece (``pieces``: every rank's
+    :func:`piece` numbers, in rank order), so that the sums of squares added over ranks count each element once."""
+    table = np.stack(pieces)  # [ranks, params]
+    mine = table[rank]
+    first = np.array([int(np.flatnonzero(table[:, k] == mine[k])[0]) for k in range(table.shape[1])])
+    return (first == rank) & (mine >= 0)
+
+
 class _Plan:
     """One optimizer's share of the probed parameters: unique tensors and, per (parameter, module) pair, its
     index into them and the module's row."""
@@ -69,6 +103,8 @@ class _Plan:
         self.before: list[torch.Tensor] | None = None
         self.copied: list[int] = []
         self.one_device: bool | None = None
+        self.sharded = any(hasattr(p, "placements") for p in params)  # DTensors: measure local shards
+        self.silent: torch.Tensor | None = None  # per parameter: True where this rank adds no sum of squares
 
 
 class ParamWatch:
@@ -110,8 +146,11 @@ class ParamWatch:
         return len(self.names)
 
     # ------------------------------------------------------------------ binding
-    def bind(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-        """Map the parameters onto ``optimizers`` (fit start) and hook each optimizer's step (removable)."""
+    def bind(self, optimizers: Sequence[torch.optim.Optimizer],
+             gather: Callable[[np.ndarray], list[np.ndarray]] | None = None) -> None:
+        """Map the parameters onto ``optimizers`` (fit start) and hook each optimizer's step (removable).
+        ``gather``: the statistics are merged over processes (the session's all-gather, entered here by every
+        rank once): which rank adds each parameter's sums of squares (:func:`contributes`)."""
         self.remove()
         where: dict[int, tuple[int, int]] = {}
         for o, opt in enumerate(optimizers):
@@ -142,6 +181,26 @@ class ParamWatch:
                 self.orphans.append(self.names[m])
         self._optimizers = list(optimizers)
         self.update_lrs()
+        if gather is not None:
+            self._share_out(gather)
+
+    def _share_out(self, gather: Callable[[np.ndarray], list[np.ndarray]]) -> None:
+        """Every rank's pieces of the planned parameters (one all-gather): a replica adds no sum of squares."""
+        import torch.distributed as dist
+
+        plans = list(self._plans.values())
+        mine = np.array([piece(p) for plan in plans for p in plan.params], dtype=np.float64)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        pieces = [x[1:] for x in gather(np.concatenate([[len(mine)], mine]))]  # never an empty tensor
+        if len(pieces) <= 1 or not len(mine) or any(len(x) != len(mine) for x in pieces):
+            return
+        adds = contributes([x.astype(np.int64) for x in pieces], rank)
+        k = 0
+        for plan in plans:
+            silent = ~adds[k:k + len(plan.params)]
+            k += len(plan.params)
+            if silent.any():
+                plan.silent = torch.as_tensor(silent, device=local(plan.params[0]).device)
 
     def update_lrs(self) -> None:
         """The current learning rate of each module's (largest parameter's) group (schedulers change it)."""
@@ -187,7 +246,7 @@ class ParamWatch:
         plan = self._plans.get(id(getattr(optimizer, "optimizer", optimizer)))  # LightningOptimizer wraps
         if plan is None or not plan.params:
             return
-        params = plan.params
+        params = [local(p) for p in plan.params] if plan.sharded else plan.params
         device = params[0].device
         if plan.one_device is None:
             plan.one_device = all(p.device == device for p in params)
@@ -195,10 +254,10 @@ class ParamWatch:
             wn = [torch.linalg.vector_norm(p.detach()).to(device) for p in params]
         else:
             wn = torch._foreach_norm(params)  # under no_grad: no graph, no detach per tensor
-        has_grad = np.array([p.grad is not None for p in params])
+        has_grad = np.array([p.grad is not None for p in plan.params])
         every = np.ones(len(params), bool)
         self._add(plan, _W, _stack(wn), every, device)
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [local(p.grad) for p in plan.params if p.grad is not None]
         fused = plan.one_device and not any(g.is_sparse or g.device != device for g in grads)
         if grads:
             if not fused:
@@ -238,6 +297,8 @@ class ParamWatch:
         if keep.any():
             pidx, midx, mods = self._index(plan, keep, device)
             values = norms.float().square() if square else norms.float()
+            if square and plan.silent is not None:  # a replica's share is another rank's (NaN included)
+                values = values.masked_fill(plan.silent, 0.0)
             self.buffer.observe_params(column, midx, mods, values[pidx])
 
     @torch.no_grad()
@@ -246,13 +307,13 @@ class ParamWatch:
         if plan is None or plan.before is None:
             return
         before, plan.before = plan.before, None
-        params = [plan.params[k] for k in plan.copied]
+        params = [local(plan.params[k]) for k in plan.copied]
         torch._foreach_sub_(before, params)  # in place: W_before - W_after, no new memory
         dn = torch._foreach_norm(before)
         del before
         measured = np.zeros(len(plan.params), bool)
         measured[plan.copied] = True
-        device = plan.params[0].device
+        device = local(plan.params[0]).device
         self._add(plan, _D, self._spread(plan, _stack(dn), measured, device), measured, device)
 
     def end_step(self) -> None:
@@ -264,6 +325,14 @@ class ParamWatch:
     def request_histograms(self) -> None:
         """At the next optimizer step, copy up to :data:`HIST_VALUES` weights and gradients per module."""
         self.hist = {}
+
+    @torch.no_grad()
+    def histograms_only(self, optimizer: Any) -> None:
+        """A step whose norms are not measured (see :meth:`ProbeSession.before_optimizer_step`): only the
+        histograms a figure step asked for (:meth:`request_histograms`), if any."""
+        plan = self._plans.get(id(getattr(optimizer, "optimizer", optimizer)))
+        if self.hist is not None and plan is not None and plan.params:
+            self._histograms(plan)
 
     def take_histograms(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
         """``name -> (weights, gradients or None)`` copied since :meth:`request_histograms`."""
@@ -280,7 +349,7 @@ class ParamWatch:
             stride = max(1, -(-total // HIST_VALUES))
 
             def sample(ts: list[torch.Tensor]) -> np.ndarray:
-                flat = torch.cat([t.detach().reshape(-1) for t in ts])[::stride]
+                flat = torch.cat([local(t).detach().reshape(-1) for t in ts])[::stride]
                 return flat.to(device="cpu", dtype=torch.float32, copy=True).numpy()
 
             grads = [p.grad for p in ps if p.grad is not None and not p.grad.is_sparse]

@@ -206,6 +206,7 @@ class FigureRenderer:
         layout: str = "auto",
         shape: Sequence[int] | None = None,
         priority: bool = False,
+        source: str = "",
     ) -> bool:
         """Queue the figures of one layer at one step (arrays are copied now).
 
@@ -224,6 +225,8 @@ class FigureRenderer:
             priority: the figures explain a finding: never refused for a full queue; when the queue is full, the
                 newest routine job not yet drawn makes room (it is listed as not drawn), and priority jobs are
                 drawn before every routine job not yet handed to the drawing process.
+            source: whose tensor it is under several processes (``"rank 0's samples"``, ``"rank 0's shard of the
+                units"``), said in the titles.
 
         Returns:
             ``True`` when a job was queued; ``False`` when refused (queue full: listed in :attr:`skipped`) or
@@ -242,7 +245,8 @@ class FigureRenderer:
                 or k == "histograms"]
         if not figs:
             return False
-        return self._submit("layer", (step, layer, act, grad, dmask, layout, shp, kinds), figs, priority=priority)
+        return self._submit("layer", (step, layer, act, grad, dmask, layout, shp, kinds, str(source)), figs,
+                            priority=priority)
 
     def submit_timeline(
         self,

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote
 
-from .findings import ADVICE, KINDS
+from .findings import ADVICE, KINDS, origin_text
 from .record import RunRecord, read_record
 from .sinks import atomic_write_text, safe_name
 from .vocab import TIMELINE_LAYER
@@ -101,6 +101,7 @@ class _Incident:
     later: list[tuple[str, Optional[int]]]  # (layer, first step) reached after the cause
     count: int
     cause: Optional[dict[str, Any]]
+    consequences: list[str] = field(default_factory=list)  # findings the cause explains (findings.Incident)
 
 
 def _kind_rank(kind: str) -> int:
@@ -127,7 +128,8 @@ def _incidents(record: RunRecord) -> list[_Incident]:
         cause = next((m for m in members if m.get("cause")), None)
         out.append(_Incident(0, str(item["id"]), str(item["kind"]), str(item["signal"]), int(item["step"]), layer,
                              [(x, first.get(x)) for x in item.get("layers", []) if x != layer],
-                             int(item.get("count", len(members))), cause))
+                             int(item.get("count", len(members))), cause,
+                             [str(c) for c in item.get("consequences", [])]))
     out.sort(key=lambda i: (i.step, _kind_rank(i.kind)))
     for n, inc in enumerate(out, 1):
         inc.number = n
@@ -295,12 +297,20 @@ def _finding_anchor(layer: str) -> str:
     return "at-" + safe_name(layer)
 
 
+def _origin(cause: Optional[dict[str, Any]]) -> str:
+    """`` (rank 1 · batch 5 of epoch 0)`` from the cause finding's record row, or ``""``."""
+    if not cause:
+        return ""
+    text = origin_text(cause.get("ranks") or [], cause.get("batch"), cause.get("epoch"))
+    return f" ({_e(text)})" if text else ""
+
+
 def _incident_html(inc: _Incident, has_figs: set[str]) -> str:
     severe = inc.kind in ("nonfinite", "exploding")
     css = " error" if severe else ""
     parts = [f'<div class="card{css}" id="incident-{inc.number}">',
              f'<h3><span class="badge{css}">{_e(inc.kind)}</span>#{_e(inc.label)} · {_e(inc.kind)} {_e(inc.signal)} '
-             f"at <code>{_e(inc.layer)}</code>, step {inc.step}</h3>"]
+             f"at <code>{_e(inc.layer)}</code>, step {inc.step}{_origin(inc.cause)}</h3>"]
     c = inc.cause
     if c is not None:
         msg = c.get("message") or ""
@@ -317,6 +327,9 @@ def _incident_html(inc: _Incident, has_figs: set[str]) -> str:
             parts.append(f"<details><summary>{head}</summary><p>{items}</p></details>")
         else:
             parts.append(f"<p>{head}: {items}</p>")
+    if inc.consequences:
+        parts.append("<p><b>Consequences</b> (grouped under this cause, not separate problems):</p><ul>"
+                     + "".join(f"<li>{_md(c)}</li>" for c in inc.consequences) + "</ul>")
     foot = [f"{inc.count} finding(s)"]
     if inc.layer in has_figs:
         foot.append(f'<a href="#{_finding_anchor(inc.layer)}">figures of <code>{_e(inc.layer)}</code></a>')

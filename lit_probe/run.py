@@ -52,6 +52,8 @@ __all__ = ["ProbeRun", "first_images"]
 
 #: Log-step cadence of a loop that says none (Lightning's default ``log_every_n_steps``).
 DEFAULT_LOG_EVERY = 50
+#: Steps whose batch index and epoch are kept for the findings (the latest).
+BATCHES_KEPT = 4096
 
 
 class ProbeRun:
@@ -72,6 +74,8 @@ class ProbeRun:
             rank order; entered by every rank at the same steps (see :func:`lit_probe.trainer.strategy_gather`).
         reduce_any: for several processes: ``True`` on every rank if it is ``True`` on any (an early read after a
             per-step alarm must be entered by all ranks or none).
+        tensor_parallel: with ``gather``, the size of a tensor-parallel group (consecutive ranks that see the same
+            samples and hold parts of some layers' units; :func:`lit_probe.trainer.tensor_parallel_size`).
         is_zero: whether this process writes (rank zero).
         default_log_every: how often the host reads statistics when ``log_every_n_steps`` is not set.
         default_save_dir: where files go when ``save_dir`` is not set (``./probe``).
@@ -91,7 +95,7 @@ class ProbeRun:
                  loss_scale: Any = None, gather: Optional[Callable[[np.ndarray], list[np.ndarray]]] = None,
                  reduce_any: Optional[Callable[[bool], bool]] = None, is_zero: bool = True,
                  default_log_every: int = DEFAULT_LOG_EVERY, default_save_dir: str = "probe", loop: str = "plain",
-                 **options: Any) -> None:
+                 tensor_parallel: int = 1, **options: Any) -> None:
         if config is not None and options:
             raise ProbeConfigError(f"give `config` or options ({', '.join(options)}), not both.")
         self.config = config if config is not None else ProbeConfig.from_kwargs(**options)
@@ -101,6 +105,7 @@ class ProbeRun:
         self.loggers = list(loggers or [])
         self._scale = _scale_reader(loss_scale)
         self.gather, self.reduce_any, self.is_zero, self.loop = gather, reduce_any, bool(is_zero), loop
+        self.tensor_parallel = max(1, int(tensor_parallel))
         self.log_every = self.config.log_every_n_steps or max(1, int(default_log_every or DEFAULT_LOG_EVERY))
         self.out_dir = Path(self.config.save_dir or default_save_dir)
         self.points: list[str] = []
@@ -123,6 +128,7 @@ class ProbeRun:
         self._gc_images: Any = None
         self._closed = False
         self._record: Optional[RunRecord] = None
+        self._batch_at: dict[int, tuple[Optional[int], Optional[int]]] = {}  # step -> (batch index, epoch)
 
     # ------------------------------------------------------------------ read-outs
     @property
@@ -170,7 +176,7 @@ class ProbeRun:
         s = self.session = ProbeSession(
             modules, signals=cfg.signals, every_n_steps=cfg.full_stats_every_n_steps, thresholds=cfg.thresholds,
             history_size=cfg.history_size, ring_rows=min(self.log_every, 256) + 2, gather=self.gather, root=model,
-            param_scope=cfg.param_scope)
+            param_scope=cfg.param_scope, tensor_parallel=self.tensor_parallel)
         resumed = self._pending_state is not None
         if self._pending_state is not None:
             s.load_state_dict(self._pending_state.get("session", {}))
@@ -178,7 +184,8 @@ class ProbeRun:
             self._pending_state = None
         if cfg.probe_validation:
             self._val = ProbeSession(modules, signals=(ACTIVATION,), every_n_steps=1, history_size=100,
-                                     thresholds=cfg.thresholds, ring_rows=4, gather=self.gather, root=model)
+                                     thresholds=cfg.thresholds, ring_rows=4, gather=self.gather, root=model,
+                                     tensor_parallel=self.tensor_parallel)
         self._record = RunRecord(layers=list(self.points), loop=self.loop)
         out = self.output = ProbeOutput(self.out_dir, self.loggers, cfg, is_zero=self.is_zero, record=self._record)
         out.start(self.findings, resumed=resumed)
@@ -229,14 +236,23 @@ class ProbeRun:
         raise TypeError("ProbeRun is per process and not picklable; build one in each process.")
 
     # ------------------------------------------------------------------ one training step
-    def begin_step(self, step: Optional[int] = None, batch: Any = None) -> None:
+    def begin_step(self, step: Optional[int] = None, batch: Any = None, *, batch_index: Optional[int] = None,
+                   epoch: Optional[int] = None) -> None:
         """A batch of training step ``step`` begins (default: the step after the last one). With gradient
-        accumulation call it for each batch with the same ``step``. ``batch``: its images feed Grad-CAM."""
+        accumulation call it for each batch with the same ``step``. ``batch``: its images feed Grad-CAM.
+        ``batch_index`` / ``epoch``: where the batch is in the data (``batch_idx``, the epoch); findings at
+        this step carry them (:attr:`Finding.batch`, :attr:`Finding.epoch`)."""
         s, out = self.session, self.output
         if s is None or out is None or self._closed:
             return
         step = self._step + 1 if step is None else int(step)
         self._step = step
+        if batch_index is not None or epoch is not None:
+            if step not in self._batch_at and len(self._batch_at) >= BATCHES_KEPT:
+                self._batch_at.pop(next(iter(self._batch_at)))  # the oldest step (insertion order)
+            if step not in self._batch_at:  # accumulation: the step's first batch
+                self._batch_at[step] = (None if batch_index is None else int(batch_index),
+                                        None if epoch is None else int(epoch))
         s.begin_step(step)
         s.record_scale(self._read_scale(), end=False)
         fig = self.config.figure_every_n_steps
@@ -294,9 +310,10 @@ class ProbeRun:
         return self._read(step) if due else []
 
     @contextlib.contextmanager
-    def step(self, step: Optional[int] = None, batch: Any = None) -> Iterator["ProbeRun"]:
+    def step(self, step: Optional[int] = None, batch: Any = None, *, batch_index: Optional[int] = None,
+             epoch: Optional[int] = None) -> Iterator["ProbeRun"]:
         """``with run.step(batch=x): ...`` = :meth:`begin_step`, the body, :meth:`end_step` (not on an error)."""
-        self.begin_step(step, batch)
+        self.begin_step(step, batch, batch_index=batch_index, epoch=epoch)
         yield self
         self.end_step()
 
@@ -343,10 +360,17 @@ class ProbeRun:
             # a container without a forward of its own (ModuleList, ModuleDict) is never called, by design
             callable_ = {n for n, m in zip(s.names, s.modules) if type(m).forward is not nn.Module.forward}
             never = [n for n in s.never_fired() if n in callable_] if s.step >= 0 else []
-            if never and not failed:
-                out.say(f"lit_probe: {len(never)} probed layer(s) never ran during training (bypassed by a direct "
-                        f"`.forward()` call, weights used functionally, unused, or compiled away): "
-                        f"{', '.join(never[:10])}.")
+            functional = set(s.used_functionally(never))
+            plain = [n for n in never if n not in functional]
+            if plain and not failed:
+                out.say(f"lit_probe: {len(plain)} probed layer(s) never ran during training (bypassed by a direct "
+                        f"`.forward()` call, unused, or compiled away): {', '.join(plain[:10])}.")
+            if functional and not failed:
+                used = [n for n in never if n in functional]
+                out.say(f"lit_probe: {len(used)} probed layer(s) were never called but their weights got gradients: "
+                        f"used functionally (`F.conv1d(x, m.weight)`, `m.weight @ x`, as Mamba's slow path does), "
+                        f"so no hook sees their inputs or outputs; probe the module that uses them: "
+                        f"{', '.join(used[:10])}.")
             out.close(self.findings, status="failed" if failed else "finished", never_ran=never,
                       skipped_steps=self.skipped_steps, streams=self._streams(), timeline=s.timeline(self.findings),
                       step=max(s.step, 0))
@@ -391,6 +415,8 @@ class ProbeRun:
         s.flush()
         self._keep_statistics(s.step if partial else None)
         new, s.findings = s.findings, []  # with those of reads the session did itself (its ring was full)
+        new = [replace(f, batch=self._batch_at[f.step][0], epoch=self._batch_at[f.step][1])
+               if f.step in self._batch_at and f.batch is None else f for f in new]
         self.skipped_steps = list(s.diagnosis.skipped_steps)
         out.scalars({f"probe/{k}": v for k, v in s.latest_scalars().items()}, step)
         out.flush()
@@ -400,7 +426,7 @@ class ProbeRun:
             self.findings.extend(new)
             out.findings(new, self.findings, step, s.history.to_csv)
             self._explain = list(dict.fromkeys(self._explain + self._explaining(new)))
-        if not self._draw_pinned() and new:
+        if not self._draw_pinned() and new and not self._draw_recent(new):
             self._capture_next = True  # no copy of the step that fired: draw the layers as they are next step
         if new and not final:
             if self.config.on_finding == "stop":
@@ -463,6 +489,23 @@ class ProbeRun:
         if before is not None:
             out.figures(before[0], before[1], with_findings, explain=explain, only_explain=True)
         out.figures(at, snaps, with_findings, explain=explain)
+        self._explain = [n for n in self._explain if n not in explain]
+        return True
+
+    def _draw_recent(self, new: Sequence[Finding]) -> bool:
+        """After a read whose new stream findings are all of a window (dead units, vanishing gradients): draw them
+        from the flight recorder, at the step the first one's window completed when the recorder still holds it,
+        else at the step the rule fired (this read's step; the figures say which step they show)."""
+        s, out = self.session, self.output
+        assert s is not None and out is not None
+        streams = [f for f in new if f.signal != "parameter"]
+        if not streams or any(f.kind not in ("dead", "vanishing") for f in streams):
+            return False
+        got = s.claim_recent(min(f.step for f in streams))
+        if got is None:
+            return False
+        explain = self._explaining(streams)
+        out.figures(got[0], got[1], {f.layer for f in self.findings}, explain=explain)
         self._explain = [n for n in self._explain if n not in explain]
         return True
 

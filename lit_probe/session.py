@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,12 +27,14 @@ from torch import nn
 
 from .diagnose import Diagnosis, ParamModules, Thresholds, alarm_bounds, dead_units, diagnose
 from .findings import Finding
+from .gradref import GradReference
 from .history import LOGGED_PARAM_STATS, PARAM_STATS, Derived, History, derive
 from .hooks import HookRegistry, iter_tensors, warn_once
 from .selection import resolve
 from .snapshots import device_part, snapshot_tensor, to_host
-from .stats import StatBuffer, merge_ranks, pack_rows
-from .vocab import ACTIVATION, GRADIENT, MAX_CALLS, PARAMETER, is_relu_like, stream_name, unit_dim, unit_layouts
+from .stats import HostRows, RankRows, StatBuffer, merge_ranks, pack_rows
+from .vocab import (ACTIVATION, GRADIENT, MAX_CALLS, PARAMETER, is_relu_like, stream_name, unit_count, unit_dim,
+                    unit_layouts)
 
 if TYPE_CHECKING:
     from .params import ParamWatch
@@ -62,6 +64,7 @@ class LayerSnapshot:
     dead: np.ndarray | None
     layout: str
     shape: tuple[int, ...] | None
+    source: str = ""  #: under several processes, whose tensor it is (said in the figure titles)
 
 
 @dataclass
@@ -99,6 +102,8 @@ class ProbeSession:
         max_calls: calls of one module per step with a stream of their own (later calls merge into the last).
         param_scope: with the ``"parameter"`` signal, a module's own parameters (``"own"``) or its whole subtree's
             (``"recursive"``); see :mod:`lit_probe.params`.
+        tensor_parallel: with ``gather``, the size of a tensor-parallel group (consecutive ranks that see the same
+            samples, each a part of some layers' units: see :func:`lit_probe.stats.merge_ranks`); 1 otherwise.
     """
 
     def __init__(self, modules: Sequence[tuple[str, nn.Module]], *,
@@ -106,7 +111,7 @@ class ProbeSession:
                  thresholds: Thresholds | Mapping[str, float] | None = None, history_size: int = 1000,
                  ring_rows: int = 64, gather: Callable[[np.ndarray], list[np.ndarray]] | None = None,
                  full_warmup_steps: int = 10, root: nn.Module | None = None, max_calls: int = MAX_CALLS,
-                 param_scope: str = "own") -> None:
+                 param_scope: str = "own", tensor_parallel: int = 1) -> None:
         self.names = [n for n, _ in modules]
         self.modules = [m for _, m in modules]
         self.signals = tuple(signals)
@@ -115,6 +120,10 @@ class ProbeSession:
         self.thresholds = thresholds if isinstance(thresholds, Thresholds) else Thresholds.from_dict(thresholds)
         self.want_act = SIGNAL_ACT in self.signals
         self.want_grad = SIGNAL_GRAD in self.signals
+        # parameter norms on full-statistics steps only, when the activation or gradient streams watch every step
+        # (a NaN/Inf weight shows in its module's output at once, a non-finite parameter gradient in the gradient
+        # of that output); every step when they are the only signal
+        self.params_every_step = not (self.want_act or self.want_grad)
         self.max_calls = max(1, int(max_calls))
         n = len(self.names)
         self.layouts = unit_layouts(root, self.names, self.modules)
@@ -134,12 +143,18 @@ class ProbeSession:
             from .params import ParamWatch
 
             self.params = ParamWatch(list(zip(self.names, self.modules)), self.buffer, param_scope)
+        # the vanishing rule's reference, whatever is probed: parameter-gradient norms of the whole model
+        self.grad_reference = GradReference(root) if root is not None and self.want_grad else None
+        self._reference_made = self.grad_reference is not None
         self.history = History(self.slot_names, history_size)
         for i in range(n):
             for signal in (SIGNAL_ACT, SIGNAL_GRAD):
                 self._slot(i, 0, signal)
         self.diagnosis = Diagnosis()
         self.gather = gather
+        self.tensor_parallel = max(1, int(tensor_parallel))
+        #: per slot: its units are split over a tensor-parallel group (joined across ranks, not merged)
+        self.units_split = np.zeros(0, bool)
         self.registry = HookRegistry()
         self.collecting = False
         self.full = True
@@ -152,9 +167,14 @@ class ProbeSession:
         self.capture_channels = 64
         self._dead_log: dict[int, list[tuple[int, float]]] = {}
         self._seen_order: dict[int, int] = {}  # slot -> place in execution order (first step it was seen in)
-        self._calls = np.zeros(n, dtype=np.int64)  # calls of each module in the current batch
-        self._recalls = np.zeros(n, dtype=np.int64)  # ... and in its recomputation (activation checkpointing)
-        self._grad_hooks_this_step = np.zeros(n, dtype=np.int64)
+        # plain lists, not arrays: read and written by the hooks (a numpy scalar access costs 5x a list's)
+        self._calls = [0] * n  # calls of each module in the current batch
+        self._recalls = [0] * n  # ... and in its recomputation (activation checkpointing)
+        self._grad_hooks_this_step = [0] * n
+        self._grad_hook_of: dict[int, Any] = {}  # slot -> its tensor hook (one object per stream, reused every step)
+        # per (module, call) (key module * max_calls + call): [activation slot, gradient slot, its hook, units
+        # watched, ndim, unit dim of that ndim]; made at a stream's first call
+        self._entries: dict[int, list] = {}
         self._warned: set = set()
         self._peeked: Any = None
         self.disabled: set[int] = set()
@@ -248,10 +268,11 @@ class ProbeSession:
     def begin_step(self, step: int, full: bool | None = None) -> None:
         """Collect statistics for training step ``step`` until :meth:`end_step` (called once per batch:
         with gradient accumulation, several batches share one step and one row)."""
-        self._calls[:] = 0
-        self._recalls[:] = 0
+        n = len(self._calls)
+        self._calls = [0] * n
+        self._recalls = [0] * n
         if step != self.step:
-            self._grad_hooks_this_step[:] = 0
+            self._grad_hooks_this_step = [0] * n
             if self._record:
                 self.recent = {}
             if self.buffer.pending >= self.buffer.rows:
@@ -265,8 +286,8 @@ class ProbeSession:
 
     def new_batch(self) -> None:
         """A new forward pass within the current step (validation batches): calls are numbered from 0 again."""
-        self._calls[:] = 0
-        self._recalls[:] = 0
+        self._calls = [0] * len(self._calls)
+        self._recalls = [0] * len(self._recalls)
 
     def end_step(self) -> None:
         self.collecting = False
@@ -323,6 +344,15 @@ class ProbeSession:
             return next(iter(pins.values()), [])
         return pins.get(step, [])
 
+    def claim_recent(self, step: int) -> tuple[int, list[LayerSnapshot]] | None:
+        """The flight recorder's figure inputs of ``step`` when it still holds them (the last three steps), else of
+        the latest step it holds, as ``(step they show, snapshots)``; that step is dropped. ``None``: the recorder
+        is off or holds nothing. For findings of a window (dead units, vanishing gradients) read after their step."""
+        if not self._kept:
+            return None
+        at = int(step) if step in self._kept else max(self._kept)
+        return at, self._snapshots(self._kept.pop(at), at, device=True)
+
     def claim_pinned_before(self) -> tuple[int, list[LayerSnapshot]] | None:
         """``(step, snapshots)`` of the step before the pinned one (when the recorder held it); dropped."""
         before, self.pinned_before = self.pinned_before, None
@@ -332,13 +362,25 @@ class ProbeSession:
         """The parameter signal: map the probed parameters onto ``optimizers`` and hook their steps (after each
         step: the update). Without the signal, nothing."""
         if self.params is not None:
-            self.params.bind(optimizers)
+            self.params.bind(optimizers, gather=self.gather)
 
     def before_optimizer_step(self, optimizer: Any) -> None:
-        """Just before ``optimizer`` updates (gradients final: unscaled, before clipping): weight and gradient
-        norms of its probed parameters; on full steps also a copy, for the update ratio after the step."""
+        """Just before ``optimizer`` updates (gradients final: unscaled, before clipping), on full-statistics steps
+        (every step when parameters are the only signal, :attr:`params_every_step`): weight and gradient norms of its
+        probed parameters and a copy, for the update ratio after the step."""
         if self.params is not None and self.collecting:
-            self.params.before_step(optimizer, self.full)
+            if self.full or self.params_every_step:
+                self.params.before_step(optimizer, self.full)
+            else:  # a figure step that is not a full step still gets its parameter histograms
+                self.params.histograms_only(optimizer)
+        if self.grad_reference is not None and self.collecting and self.full:
+            try:
+                self.grad_reference.measure(self.step)
+            except Exception as err:  # never break training for the reference: the vanishing rule goes without it
+                self.grad_reference = None
+                warn_once(self._warned, "grad_reference", f"lit_probe: the model's gradient reference failed "
+                          f"({type(err).__name__}: {err}); the vanishing rule uses the probed streams only.",
+                          RuntimeWarning)
 
     def take_param_histograms(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
         """Weights and parameter gradients copied at this figure step's optimizer step, per module."""
@@ -371,24 +413,51 @@ class ProbeSession:
         recompute = _in_backward()  # activation checkpointing re-runs forward inside backward
         # a recomputed forward (checkpointing) re-runs the calls in their order: its k-th call is the k-th call
         counter = self._recalls if recompute else self._calls
-        call = min(int(counter[i]), self.max_calls - 1)
-        counter[i] += 1
+        call = counter[i]
+        counter[i] = call + 1
+        if call >= self.max_calls:
+            call = self.max_calls - 1
+        # what the hook needs of this (module, call), looked up once per stream (a few us per tensor saved)
+        key = i * self.max_calls + call
+        entry = self._entries.get(key)
+        if entry is None:
+            act = self._slot(i, call, SIGNAL_ACT) if self.want_act else -1
+            entry = self._entries[key] = [act, -1, None, act >= 0 and self.dead_judged[act], -1, None]
+        act = entry[0]
+        # the common case, one tensor, without the generator that walks containers
+        tensors = ((output,) if output.is_floating_point() and output.numel() > 0 else ()) \
+            if isinstance(output, torch.Tensor) else iter_tensors(output)
         first = True
-        act = self._slot(i, call, SIGNAL_ACT) if self.want_act else -1
-        for t in iter_tensors(output):
-            if self.want_act and not recompute:
-                cdim = unit_dim(self.layouts[i], t.dim()) if first else None
+        full = self.full
+        grads = self.want_grad and torch.is_grad_enabled()
+        for t in tensors:
+            needs_grad = t.requires_grad
+            if act >= 0 and not recompute:
+                if first:
+                    ndim = t.dim()
+                    if entry[4] != ndim:  # the unit axis of this rank (cached per stream)
+                        entry[4], entry[5] = ndim, unit_dim(self.layouts[i], ndim)
+                    cdim = entry[5]
+                else:
+                    cdim = None
                 # the streams judged for dead units have their units measured on every step (one reduction)
-                self.buffer.observe(act, t.detach(), self.full, cdim, watch_units=self.dead_judged[act])
-                if self.capture is not None and first and act not in self.capture:
+                self.buffer.observe(act, t.detach() if needs_grad else t, full, cdim, entry[3])
+                if first and self.capture is not None and act not in self.capture:
                     self._capture(act, i, t)
-                if self.recent is not None and first and act not in self.recent:
+                if first and self.recent is not None and act not in self.recent:
                     self._keep_recent(act, i, t)
-            if self.want_grad and t.requires_grad and torch.is_grad_enabled():
+            if grads and needs_grad:
                 if recompute and self._grad_hooks_this_step[i] > 0:
                     pass  # the original forward's output already carries our hook
                 else:
-                    t.register_hook(self.registry.grad_hook(self, self._slot(i, call, SIGNAL_GRAD)))
+                    hook = entry[2]
+                    if hook is None:  # the gradient stream is made when a gradient first can flow
+                        slot = entry[1] = self._slot(i, call, SIGNAL_GRAD)
+                        hook = self._grad_hook_of.get(slot)
+                        if hook is None:
+                            hook = self._grad_hook_of[slot] = self.registry.grad_hook(self, slot)
+                        entry[2] = hook
+                    t.register_hook(hook)
                     if not recompute:
                         self._grad_hooks_this_step[i] += 1
             first = False
@@ -398,7 +467,8 @@ class ProbeSession:
         i = self.slot_module[slot]
         if i in self.disabled or grad is None:
             return
-        self.buffer.observe(slot, grad.detach(), self.full, None)
+        # backward runs without grad mode (no graph is recorded): a detach only under create_graph=True
+        self.buffer.observe(slot, grad.detach() if grad.requires_grad else grad, self.full, None)
         if self.capture is not None and slot not in self.capture:
             self._capture(slot, i, grad)
         if self.recent is not None and slot not in self.recent:
@@ -429,8 +499,13 @@ class ProbeSession:
         """
         host, units = self.buffer.read()
         host = host.first_slots(len(self.slot_names))
+        ranks: RankRows | None = None
         if self.gather is not None:
-            host, units = merge_ranks(self.gather(pack_rows(host, units)))
+            if len(self.units_split) < host.calls.shape[1]:
+                self.units_split = np.concatenate(
+                    [self.units_split, np.zeros(host.calls.shape[1] - len(self.units_split), bool)])
+            host, units, ranks = merge_ranks(self.gather(pack_rows(host, units)), self.tensor_parallel,
+                                             self.units_split, self._partners())
         if len(host.steps) == 0:
             return []
         grad_slots = self._grad_slots()[:host.calls.shape[1]]
@@ -442,9 +517,17 @@ class ProbeSession:
         if self.params is not None and len(self.params):
             self.params.update_lrs()
             pm = ParamModules(self.params.names, self.params.groups, self.params.lrs.copy())
+        reference = None
+        if self.grad_reference is not None:
+            reference = self.grad_reference.take(int(x) for x in d.steps)
+            self.grad_reference.drop_before(int(d.steps[-1]))
+        if self.gather is not None and self._reference_made:  # entered by every rank, even one whose failed
+            reference = self._reference_over_ranks(reference or {})
         self.diagnosis, new = diagnose(self.diagnosis, d, units, self.buffer.first_seen, self.slot_names,
                                        self.slot_signals, self.dead_judged, self.thresholds, pm,
-                                       unit_steps=self.buffer.unit_steps)
+                                       unit_steps=self.buffer.unit_steps, grad_reference=reference)
+        if ranks is not None:
+            new = self._name_ranks(new, host, ranks)
         self.findings.extend(new)
         self.units = units
         for row in d.order:  # forward order for activations, then backward order for gradients
@@ -455,6 +538,46 @@ class ProbeSession:
         for slot, frac in self.diagnosis.dead_latest.items():
             self._dead_log.setdefault(slot, []).append((step, frac))
         return new
+
+    def _reference_over_ranks(self, mine: dict[int, tuple[float, float]]) -> dict[int, tuple[float, float]] | None:
+        """The vanishing rule's reference, the same on every rank (one all-gather): per step measured on every
+        rank, the largest input-end and top norms of the ranks (each rank measures its own shard of a sharded
+        parameter's gradient: a norm at most sqrt(ranks) below the whole one, far inside the rule's margins).
+        Every rank then reaches the same verdict (``on_finding="raise"`` raises on all of them)."""
+        assert self.gather is not None
+        vec = np.array([len(mine)] + [x for k, (a, b) in sorted(mine.items()) for x in (k, a, b)], np.float64)
+        every = [v[1:1 + 3 * int(v[0])].reshape(-1, 3) for v in self.gather(vec)]  # never an empty tensor
+        steps = set.intersection(*(set(int(k) for k in v[:, 0]) for v in every)) if every else set()
+        if not steps:
+            return None
+        out = {}
+        for k in sorted(steps):
+            rows = np.stack([v[v[:, 0] == k][0] for v in every])
+            out[k] = (float(np.max(rows[:, 1])), float(np.max(rows[:, 2])))
+        return out
+
+    def _partners(self) -> np.ndarray:
+        """Per slot, the slot of the other signal of the same module call (-1: none)."""
+        out = np.full(len(self.slot_names), -1, np.int64)
+        for (i, call, signal), slot in self._slots.items():
+            other = self._slots.get((i, call, SIGNAL_GRAD if signal == SIGNAL_ACT else SIGNAL_ACT))
+            if other is not None and slot < len(out):
+                out[slot] = other
+        return out
+
+    def _name_ranks(self, new: list[Finding], host: HostRows, ranks: RankRows) -> list[Finding]:
+        """Each non-finite or exploding activation/gradient finding with the rank(s) it appeared on first."""
+        slot_of = {(name, signal): s for s, (name, signal) in enumerate(zip(self.slot_names, self.slot_signals))}
+        row_of = {int(step): r for r, step in enumerate(host.steps)}
+        out = []
+        for f in new:
+            slot, row = slot_of.get((f.layer, f.signal)), row_of.get(f.step)
+            if slot is not None and row is not None and slot < ranks.nonfinite.shape[1]:
+                named = ranks.ranks(row, slot, f.kind)
+                if named:
+                    f = replace(f, ranks=named)
+            out.append(f)
+        return out
 
     def _grad_slots(self) -> np.ndarray:
         """Which slots are gradient streams (cached; new streams appear in the first steps only)."""
@@ -520,7 +643,13 @@ class ProbeSession:
             a, g = host(act), host(grad)
             if a is None and g is None:
                 continue
-            out.append(LayerSnapshot(self.slot_names[slot], step, a, g, dead.get(slot), self.layouts[i], shape))
+            mask, source = dead.get(slot), ""
+            if self.gather is not None:  # only rank 0 draws
+                split = slot < len(self.units_split) and bool(self.units_split[slot])
+                source = "rank 0's shard of the units" if split else "rank 0's samples"
+                if split and mask is not None:  # the joined mask: rank 0's units come first
+                    mask = mask[:unit_count(self.layouts[i], shape)]
+            out.append(LayerSnapshot(self.slot_names[slot], step, a, g, mask, self.layouts[i], shape, source))
         return out
 
     def dead_masks(self) -> dict[int, np.ndarray]:
@@ -575,6 +704,20 @@ class ProbeSession:
     def execution_order(self) -> list[int]:
         """Every slot, in execution order (forward activations, then backward gradients, as first seen)."""
         return sorted(range(len(self.slot_names)), key=self.execution_rank)
+
+    def used_functionally(self, names: Sequence[str]) -> list[str]:
+        """Of ``names`` (probed layers that never ran), those whose own parameters got a gradient while training:
+        their weights are used functionally (``F.conv1d(x, self.conv1d.weight)``, ``self.dt_proj.weight @ x``:
+        Mamba's slow path) rather than by calling the module, which is all a hook sees."""
+        got = self.grad_reference.with_gradient if self.grad_reference is not None else set()
+        by_name = dict(zip(self.names, self.modules))
+        out = []
+        for n in names:
+            m = by_name.get(n)
+            own = list(m.parameters(recurse=False)) if m is not None else []
+            if n in got or any(p.grad is not None for p in own):
+                out.append(n)
+        return out
 
     def never_fired(self) -> list[str]:
         """Probed layers whose forward hook never ran while collecting (bypassed, compiled away, unused)."""

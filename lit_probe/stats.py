@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["COLUMNS", "PARAM_COLUMNS", "StatBuffer", "HostRows", "pack_rows", "merge_ranks"]
+__all__ = ["COLUMNS", "PARAM_COLUMNS", "StatBuffer", "HostRows", "RankRows", "pack_rows", "merge_ranks"]
 
 COLUMNS = ("nonfinite", "nonzero", "sum", "l2", "min", "max")
 #: Per (row, module with parameters): sums of squares of weights, parameter gradients and the update (added),
@@ -346,12 +346,13 @@ class StatBuffer:
             t = t.to(self.device, non_blocking=True)  # model-parallel: keep the one buffer
         if t.dim() == 0:
             t = t.reshape(1)
-        first = self.calls[r, slot] == 0
+        calls = self.calls
+        k = calls[r, slot]
+        first = k == 0
         if first:
             self.order[r].append(slot)
-        self.calls[r, slot] += 1
+        calls[r, slot] = k + 1
         self.numel[r, slot] += t.numel()
-        native = t.dtype in _FLOATS
         track = channel_dim is not None and slot not in self._bad_channels
         if track and watch_units and self._watch_units(slot, t, channel_dim, sentinel=not full):
             return  # a step without full statistics: the per-unit maxima were the sentinel
@@ -365,6 +366,7 @@ class StatBuffer:
             self._track_units(slot, t, channel_dim)  # type: ignore[arg-type]
         if not full:
             return
+        native = t.dtype in _FLOATS
         self.full[r, slot] += 1
         row = buf[r, slot]
         n = t.numel()
@@ -437,7 +439,12 @@ class StatBuffer:
             dims = self._udims[key] = tuple(d for d in range(t.dim()) if d != cdim)
         if first and t.dtype == view.dtype:
             if dims:
-                torch.amax(t, dims, out=view)
+                if cdim == 1 and t.dim() >= 3 and t.is_cpu and 1 < t.numel() // (t.shape[0] * t.shape[1]) < 64:
+                    # NCHW with a small H x W on the CPU: the strided reduction over (0, 2, 3) is 4-7x slower than
+                    # the batch first (contiguous slabs), then the few positions (same values, NaN kept)
+                    torch.amax(torch.amax(t, 0), dims[1:] and tuple(d - 1 for d in dims[1:]), out=view)
+                else:
+                    torch.amax(t, dims, out=view)
             else:
                 view.copy_(t)
         else:
@@ -641,16 +648,25 @@ def _unpack_rows(vec: np.ndarray) -> tuple[HostRows, dict[int, np.ndarray]]:
     return HostRows(steps, dev, calls, numel, full, order, counted, scale, params, minless), units
 
 
-def merge_ranks(vectors: list[np.ndarray]) -> tuple[HostRows, dict[int, np.ndarray]]:
-    """Combine every rank's :func:`pack_rows` vector: counts and sums add, norms combine, min/max of min/max,
-    a unit fired if it fired on any rank, the first-seen order of rank 0 first."""
-    ranks = [_unpack_rows(v) for v in vectors]
-    hosts = [h for h, _ in ranks]
-    n = min(len(h.steps) for h in hosts)
-    slots = min(h.calls.shape[1] for h in hosts)
+def _merge_params(params: list[np.ndarray | None], n: int) -> np.ndarray | None:
+    """The parameter rows of every rank: sums of squares add (each rank added only the pieces it holds
+    distinctly: :func:`lit_probe.params.contributes`), the largest ``|element|`` is the maximum; -1 (not
+    measured) where any rank did not measure."""
+    if params[0] is None:
+        return None
+    stack = np.stack([p[:n] for p in params if p is not None and p.shape == params[0].shape])
+    out = stack.sum(0)
+    with np.errstate(invalid="ignore"):
+        for c in PARAM_MAX_COLUMNS:
+            out[..., c] = np.max(stack[..., c], axis=0)
+    out[(stack == -1.0).any(0)] = -1.0
+    return out
+
+
+def _combine(hosts: list[HostRows], n: int, slots: int) -> HostRows:
+    """Rows of ranks that saw different elements of the same streams (other samples, or other units): counts and
+    sums add, norms combine, min/max of min/max, the first-seen order of the first rank first."""
     base = hosts[0]
-    if n == 0:
-        return base, ranks[0][1]
     dev = np.stack([h.dev[:n, :slots] for h in hosts]).astype(np.float64)
     out = dev[0].copy()
     add = [COLUMNS.index(c) for c in ("nonfinite", "nonzero", "sum")]
@@ -665,14 +681,141 @@ def merge_ranks(vectors: list[np.ndarray]) -> tuple[HostRows, dict[int, np.ndarr
         for h in hosts[1:]:
             seen += [s for s in h.order[i] if s not in seen]
         order.append([s for s in seen if s < slots])
-    merged = HostRows(base.steps[:n], out.astype(np.float32),
-                      *(sum(getattr(h, f)[:n, :slots] for h in hosts) for f in ("calls", "numel", "full")),
-                      order, sum(h.counted[:n, :slots] for h in hosts), base.scale[:n],
-                      None if base.params is None else base.params[:n],  # parameters: replicated, rank 0's
-                      np.any([h.minless[:n, :slots] for h in hosts if h.minless is not None], axis=0)
-                      if any(h.minless is not None for h in hosts) else None)
+    return HostRows(base.steps[:n], out.astype(np.float32),
+                    *(sum(getattr(h, f)[:n, :slots] for h in hosts) for f in ("calls", "numel", "full")),
+                    order, sum(h.counted[:n, :slots] for h in hosts), base.scale[:n],
+                    _merge_params([h.params for h in hosts], n),
+                    np.any([h.minless[:n, :slots] for h in hosts if h.minless is not None], axis=0)
+                    if any(h.minless is not None for h in hosts) else None)
+
+
+def _same_elements(hosts: list[HostRows], n: int, slots: int) -> np.ndarray:
+    """Per slot: whether every rank of a tensor-parallel group measured bitwise the same values (a replicated
+    stream) at every step all of them measured with finite values. A stream whose units are split over the ranks
+    (between a column-wise and a row-wise layer) differs."""
+    cols = [_SUM, _L2, _MIN, _MAX]
+    first = hosts[0].dev[:n, :slots][..., cols]
+    same = np.ones(slots, bool)
+    for h in hosts[1:]:
+        other = h.dev[:n, :slots][..., cols]
+        eq = first == other
+        # steps both measured, finite on both (a NaN on one rank only is that rank's bug, not a split of units)
+        both = (hosts[0].calls[:n, :slots] > 0) & (h.calls[:n, :slots] > 0) \
+            & np.isfinite(first).all(-1) & np.isfinite(other).all(-1)
+        same &= np.where(both[..., None], eq, True).all(axis=(0, 2))
+        same &= (hosts[0].numel[:n, :slots] == h.numel[:n, :slots]).all(0)
+    return same
+
+
+def _replicas_once(hosts: list[HostRows], merged: HostRows, replicated: np.ndarray, n: int, slots: int) -> HostRows:
+    """``merged`` with the replicated slots' columns taken from the first rank only (counted once), except what
+    a rank's own bug shows: the min/max over the ranks and the largest non-finite count."""
+    first = hosts[0]
+    rep = np.flatnonzero(replicated[:slots])
+    if len(rep) == 0:
+        return merged
+    dev = np.stack([h.dev[:n, rep] for h in hosts])
+    merged.dev[:, rep] = first.dev[:n, rep]
+    with np.errstate(invalid="ignore"):
+        merged.dev[:, rep, _MIN] = np.min(dev[..., _MIN], axis=0)
+        merged.dev[:, rep, _MAX] = np.max(dev[..., _MAX], axis=0)
+        merged.dev[:, rep, _NF] = np.max(dev[..., _NF], axis=0)
+    for f in ("calls", "numel", "full", "counted"):
+        getattr(merged, f)[:, rep] = getattr(first, f)[:n, rep]
+    if merged.minless is not None and first.minless is not None:
+        merged.minless[:, rep] = first.minless[:n, rep]
+    return merged
+
+
+@dataclass
+class RankRows:
+    """Which ranks showed what, per merged (row, slot): for naming the rank(s) of a finding.
+
+    Attributes:
+        nonfinite: bitmask of the ranks whose elements held a NaN/Inf (min, max or the count).
+        top: the rank with the largest ``|element|``.
+        sharded_units: per slot, whether its units are split over a tensor-parallel group (joined, not merged).
+    """
+
+    nonfinite: np.ndarray
+    top: np.ndarray
+    sharded_units: np.ndarray
+
+    def ranks(self, row: int, slot: int, kind: str) -> list[int]:
+        """The ranks a finding of ``kind`` at (``row``, ``slot``) came from (``[]``: not one rank's)."""
+        if kind == "nonfinite":
+            mask = int(self.nonfinite[row, slot])
+            return [r for r in range(mask.bit_length()) if mask >> r & 1]
+        if kind == "exploding":
+            return [int(self.top[row, slot])]
+        return []
+
+
+def merge_ranks(vectors: list[np.ndarray], tensor_parallel: int = 1, sharded_units: np.ndarray | None = None,
+                partner: np.ndarray | None = None) -> tuple[HostRows, dict[int, np.ndarray], RankRows | None]:
+    """Combine every rank's :func:`pack_rows` vector.
+
+    Ranks that saw other samples (DDP, FSDP's data-parallel ranks) merge: counts and sums add, norms combine,
+    min/max of min/max, a unit fired if it fired on any rank, the first-seen order of rank 0 first.
+
+    With ``tensor_parallel > 1``, ranks ``[g*tp, (g+1)*tp)`` form a tensor-parallel group (Lightning's
+    ``ModelParallelStrategy`` mesh ``(data_parallel, tensor_parallel)``, row-major). They saw the same samples: a
+    stream they all measured bitwise the same (replicated: after a row-wise layer's all-reduce) counts once; a
+    stream whose values differ holds part of the units on each rank (between a column-wise and a row-wise layer):
+    its units are joined in rank order (``[16] + [16]`` -> 32 units) and its element counts add. Once a slot is
+    seen split, it stays split (``sharded_units``, updated in place), and so does its ``partner`` (the other
+    signal of the same module call: a dead ReLU's outputs are all zero on every rank, its gradients are not).
+    Then the groups merge as above.
+
+    Returns:
+        the merged rows, the unit windows, and per (row, slot) the ranks of non-finite values and of the largest
+        ``|element|`` (``None`` for one vector).
+    """
+    ranks = [_unpack_rows(v) for v in vectors]
+    hosts = [h for h, _ in ranks]
+    n = min(len(h.steps) for h in hosts)
+    slots = min(h.calls.shape[1] for h in hosts)
+    base = hosts[0]
+    if n == 0 or len(hosts) == 1:
+        return base, ranks[0][1], None
+    dev = np.stack([h.dev[:n, :slots] for h in hosts]).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        bad = np.isnan(dev[..., _MIN]) | np.isnan(dev[..., _MAX]) | (dev[..., _MAX] == np.inf) \
+            | (dev[..., _MIN] == -np.inf) | (dev[..., _NF] > 0)  # an unmeasured row holds min=+inf, max=-inf
+        absmax = np.fmax(np.abs(np.where(np.isfinite(dev[..., _MIN]), dev[..., _MIN], 0)),
+                         np.abs(np.where(np.isfinite(dev[..., _MAX]), dev[..., _MAX], 0)))
+    weights = (1 << np.arange(len(hosts), dtype=np.int64))[:, None, None]
+    nonfinite = (bad.astype(np.int64) * weights).sum(0)
+    top = np.argmax(absmax, axis=0)
+    tp = max(1, int(tensor_parallel))
+    split = np.zeros(slots, bool) if sharded_units is None else sharded_units
+    if tp > 1 and len(hosts) % tp == 0:
+        groups = [list(range(g, g + tp)) for g in range(0, len(hosts), tp)]
+        for group in groups:
+            split[:slots] |= ~_same_elements([hosts[r] for r in group], n, slots)
+        if partner is not None:
+            k = min(slots, len(partner))
+            other = partner[:k]
+            ok = (other >= 0) & (other < slots)
+            split[:k] |= np.where(ok, split[np.clip(other, 0, slots - 1)], False)
+        merged_groups, unit_groups = [], []
+        for group in groups:
+            gh = [hosts[r] for r in group]
+            merged_groups.append(_replicas_once(gh, _combine(gh, n, slots), ~split, n, slots))
+            units_g: dict[int, np.ndarray] = {}
+            for s in sorted(set().union(*(ranks[r][1] for r in group))):
+                parts = [ranks[r][1][s] for r in group if s in ranks[r][1]]
+                units_g[s] = np.concatenate(parts) if s < slots and split[s] else parts[0]
+            unit_groups.append(units_g)
+        merged = _combine(merged_groups, n, slots) if len(merged_groups) > 1 else merged_groups[0]
+        # the parameters: every rank added its distinct pieces once, whatever the group
+        merged.params = _merge_params([h.params for h in hosts], n)
+        unit_sets = unit_groups
+    else:
+        merged = _combine(hosts, n, slots)
+        unit_sets = [u for _, u in ranks]
     units: dict[int, np.ndarray] = {}
-    for _, u in ranks:
+    for u in unit_sets:
         for s, arr in u.items():
             units[s] = arr if s not in units or units[s].shape != arr.shape else np.maximum(units[s], arr)
-    return merged, units
+    return merged, units, RankRows(nonfinite, top, split)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "local_tensor",
     "ACTIVATION", "GRADIENT", "PARAMETER", "SIGNALS", "FIGURE_KINDS", "TIMELINE_LAYER", "LOGGED_STATS", "CALL_SEP",
     "MAX_CALLS",
     "LAYOUTS", "stream_name", "metric_key", "layout_for_module", "unit_layouts", "unit_dim", "unit_count",
@@ -190,6 +191,13 @@ def unit_count(layout: str, shape: Sequence[int]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- death
+
+
+def local_tensor(t: Any) -> Any:
+    """A ``DTensor``'s local shard (FSDP2, tensor parallelism: a view, no copy, no collective); any other tensor
+    itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None and hasattr(t, "placements") else t
 
 
 def is_relu_like(module: object) -> bool:

@@ -221,3 +221,14 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("ddp") or item.get_closest_marker("zoo") or item.path.name in _SLOW_FILES \
                 or any(word in item.name for word in _SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (real models on a shared machine), the previous count after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,9 +22,11 @@ LEAVES = {"demo", "__main__"}  # ...besides leaves nothing imports
 # what each core module may import from lit_probe (down the pipeline only)
 ALLOWED = {
     "errors": set(), "vocab": set(), "findings": {"vocab"}, "selection": {"errors"},
-    "stats": set(), "hooks": set(), "params": {"stats"}, "snapshots": {"vocab"}, "history": {"stats"},
-    "diagnose": {"findings", "history", "selection", "errors"},
-    "session": {"diagnose", "findings", "history", "hooks", "params", "selection", "stats", "vocab", "snapshots"},
+    "stats": set(), "hooks": set(), "params": {"stats", "vocab"}, "snapshots": {"vocab"}, "history": {"stats"},
+    "diagnose": {"findings", "history", "selection", "errors", "vocab"},
+    "session": {"diagnose", "findings", "gradref", "history", "hooks", "params", "selection", "stats", "vocab",
+                "snapshots"},
+    "gradref": {"vocab"},
     "mixin": set(), "extract": {"selection", "errors", "hooks"}, "gradcam": {"selection", "errors"},
     "figures": set(), "compose": {"figures", "vocab"}, "drawing": {"compose", "figures"},
     "render": {"compose", "drawing", "figures", "vocab"}, "sinks": set(), "record": {"findings", "sinks"},

@@ -104,6 +104,25 @@ def test_every_section(bench: ModuleType, tmp_path: Path, capsys: pytest.Capture
     assert short["config"]["n_leaf_modules"] >= 52 and short["config"]["n_blocks"] == 8
 
 
+def test_small_section_prints_one_table_with_its_targets(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--section small`` (issue 22): blocks and leaves on one thread, the blocks on every core, mlp50 and the host
+    time per tensor, in one table and one list of targets; not part of ``all``."""
+    result = bench.main([*TINY, "--section", "small", "--small-steps", "4", "--small-mlp-steps", "3",
+                         "--kernel-reps", "1", "--kernel-inner", "1"])
+    printed = capsys.readouterr().out
+    assert set(result["sections"]) == {"small"}
+    small = result["sections"]["small"]
+    runs = [(r["threads"], r["variant"]) for r in small["rows"]]
+    cores = small["config"]["cores"]
+    assert runs == [(1, "probe_blocks"), (1, "probe_leaves"), (cores, "probe_blocks"), (1, "net.**")], runs
+    assert "**The short step, on one core and on every core**" in printed and "<= 1.08x" in printed
+    targets = [t["target"] for t in small["targets"]]
+    for what in ("probe_leaves (1 thread): whole-loop ratio <= 1.08x", "probe_blocks (1 thread): whole-loop ratio "
+                 "<= 1.04x", "whole-loop ratio <= 1.10x", "mlp50: whole-loop ratio <= 2.00x", "<= 10 us / tensor"):
+        assert any(what in t for t in targets), (what, targets)
+    assert {t["result"] for t in small["targets"]} <= {"PASS", "MISS", "n/a"}
+
+
 def test_short_memory_pass(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU memory pass: a subprocess with fixed glibc thresholds (run in-process here: an interpreter
     start with torch and Lightning costs seconds)."""

@@ -145,6 +145,10 @@ def test_ddp_nan_on_rank1_is_found_by_rank0(tmp_path, strategy, pkg):
     nonfinite = [(f["layer"], f["signal"], f["step"]) for f in findings if f["kind"] == "nonfinite"]
     assert ("net.2", "activation", 5) in nonfinite, findings
     assert nonfinite[0] == ("net.2", "activation", 5), nonfinite  # the first layer, at the exact step
+    first = next(f for f in findings if f["kind"] == "nonfinite")
+    assert first["ranks"] == [1], first  # only rank 1 divided by zero
+    assert (first["batch"], first["epoch"]) == (5, 0), first  # 16 batches per rank and epoch: batch 5 of epoch 0
+    assert "5 (rank 1 · batch 5 of epoch 0)" in (tmp_path / "out" / "summary.md").read_text()
     assert all(not f["layer"].startswith("module.") for f in findings)
     assert [f["step"] for f in r0["findings"] if f["kind"] == "nonfinite"][:1] == [5]
     assert (tmp_path / "out" / "summary.md").exists()

@@ -72,6 +72,6 @@ def test_cause_figures_at_and_before_the_step_that_fired(tmp_path, every_core, r
                 assert img.size[0] > 200 and len(set(img.convert("L").getdata())) > 5
     assert not [line for line in record.figures_skipped if "queue full" in line], record.figures_skipped
     page = (out / "report.html").read_text()
-    at = page[page.index(f'id="at-'):]
+    at = page[page.index('id="at-'):]
     assert f"<code>{CAUSE}</code>" in at
     assert f"at the step that fired · step {BUG_STEP}" in at and f"before · step {BUG_STEP - 1}" in at

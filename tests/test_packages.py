@@ -192,6 +192,19 @@ def test_fsdp_fails_at_fit_start_with_what_works(pkg, tmp_path):
     probe = lit_probe.FeatureProbe(probes=["net.*"], figure_every_n_steps=None, save_dir=str(tmp_path / "p"))
     model = _module(pkg)()
     fake = SimpleNamespace(strategy=pl.strategies.FSDPStrategy())
-    with pytest.raises(lit_probe.ProbeConfigError, match="does not support the FSDPStrategy.*DDP"):
+    with pytest.raises(lit_probe.ProbeConfigError,
+                       match="does not support the FSDPStrategy.*FlatParameter.*ModelParallelStrategy.*fully_shard"):
         probe.on_fit_start(fake, model)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_deepspeed_is_refused_saying_why_and_what_works(pkg, tmp_path):
+    """DeepSpeed needs its package and a GPU; the check reads the strategy's class (and its bases) by name."""
+    from types import SimpleNamespace
+
+    DeepSpeedStrategy = type("DeepSpeedStrategy", (), {})
+    probe = lit_probe.FeatureProbe(probes=["net.*"], figure_every_n_steps=None, save_dir=str(tmp_path / "p"))
+    model = _module(pkg)()
+    with pytest.raises(lit_probe.ProbeConfigError, match="MyZero strategy: DeepSpeed partitions.*DDP"):
+        probe.on_fit_start(SimpleNamespace(strategy=type("MyZero", (DeepSpeedStrategy,), {})()), model)
     assert all(not m._forward_hooks for m in model.modules())

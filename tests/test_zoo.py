@@ -59,16 +59,19 @@ def _describe(findings: list) -> str:
 
 
 def _fit(entry: zoo.ZooEntry, backend: str, tmp_path, steps: int, probe: FeatureProbe | None = None,
-         prepare=None, oracle: bool = True, units: bool = True):
+         prepare=None, oracle: bool = True, units: bool = True, include=None, **oracle_options):
     """A real ``Trainer.fit`` of ``entry`` with the probe and the oracle (hooked on the LightningModule, so its
-    names are the probe's: ``net.layer1``). ``prepare(module)`` injects a bug before fit."""
+    names are the probe's: ``net.layer1``). ``prepare(module)`` injects a bug before fit. ``include(path, module)``:
+    the modules the oracle hooks (default: every module under ``net``, exactly what ``net.**`` selects);
+    ``oracle_options`` go to :class:`zoo.Oracle` (``merge_after``)."""
     module = zoo_module(entry, backend)
     if prepare is not None:
         prepare(module)
     orc = None
     if oracle:
-        # exactly what "net.**" selects: every module under net, not net itself
-        orc = zoo.Oracle(module, units=units, include=lambda path: path.startswith("net.")).attach()
+        mods = dict(module.named_modules())
+        keep = (lambda p: p.startswith("net.")) if include is None else (lambda p: include(p, mods[p]))
+        orc = zoo.Oracle(module, units=units, include=keep, **oracle_options).attach()
         module.step_listeners.append(orc.begin_step)
     trainer = make_trainer(tmp_path, backend, max_steps=steps, callbacks=[probe] if probe is not None else [],
                            limit_val_batches=0, log_every_n_steps=10)
@@ -182,7 +185,7 @@ def _worst_dead(orc: zoo.Oracle, name: str) -> float:
     return max((f for f in fr if f == f), default=0.0)
 
 
-def _check_dead(probe: FeatureProbe, orc: zoo.Oracle, label: str) -> None:
+def _check_dead(probe: FeatureProbe, orc: zoo.Oracle, label: str, case: str | None = None) -> None:
     """Dead findings against the oracle, robust to borderline layers: the oracle's first CLEARLY dead ReLU call
     (>= 90% of its units never positive over a 20-step window; window end ``step``) is reported dead, from
     that window, with the oracle's fraction; no dead finding comes earlier unless for a borderline call
@@ -213,7 +216,8 @@ def _check_dead(probe: FeatureProbe, orc: zoo.Oracle, label: str) -> None:
     assert not before, (f"{label}: dead findings before the oracle's first dead call {call}", _describe(before))
     wrong = [g for g in dead if g.layer in alive]
     assert not wrong, (f"{label}: reported dead, but firing in every window per the oracle", _describe(wrong))
-    _record(label, "dead block" if label in zoo.KILL_AT else "real dying", f"`{call}` window to step {step}",
+    case = case or ("dead block" if label in zoo.KILL_AT else "real dying")
+    _record(label, case, f"`{call}` window to step {step}",
             f"dead `{f.layer}` step {f.step} ({f.value:.0%})")
 
 

@@ -10,6 +10,9 @@ Nothing here imports lit_probe or Lightning: the oracle is the independent groun
   two records, named ``path`` then ``path#1``, ``path#2``...) in execution order, with tensor hooks on the
   outputs for d loss / d output in backward order. It answers "first non-finite activation call in forward
   order at step k", "first non-finite gradient in backward order", "units never positive over a window".
+* ``Oracle(merge_after=4)`` merges a module's calls from the 4th on into one record ``path#3``, the way the
+  probe keeps at most 4 streams per module (README); ``tests/zoo_families.py`` uses it for a cell called per
+  time step.
 * Bugs with known answers: :func:`inject_nan` (one NaN in a chosen module's output at step k),
   :func:`kill_block` (a BatchNorm bias at -10 before a ReLU), :data:`BUG_MODELS` (a 30-layer tanh MLP and a
   deep sigmoid stack: vanishing gradients; resnet18 with SGD lr=50: explosion then NaN).
@@ -44,9 +47,12 @@ class ZooEntry:
     Attributes:
         name: registry key.
         build: returns the ``nn.Module`` with random weights (seed it before calling).
-        task: ``"image"`` (CE on random labels), ``"seqcls"`` (HF sequence classification, CE on random labels)
-            or ``"lm"`` (HF causal LM, next-token CE).
-        input_shape: ``(C, H, W)`` for images, ``(T,)`` for token sequences.
+        task: ``"image"`` (CE on random labels), ``"seqcls"`` (HF sequence classification, CE on random labels),
+            ``"lm"`` (HF causal LM, next-token CE), ``"seq"`` (float sequences ``[B, T, F]``, one label each),
+            ``"seg"`` (per-pixel CE), ``"graph"`` (node classification: ``batch_size`` nodes of the model's fixed
+            graph) or ``"denoise"`` (a diffusion UNet's noise-prediction MSE; batches from ``make_batch``).
+        input_shape: ``(C, H, W)`` for images, ``(T,)`` for token sequences, ``(T, F)`` for float sequences,
+            ``(F,)`` for node features.
         batch_size: samples per step.
         optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9).
         lr: learning rate.
@@ -64,6 +70,10 @@ class ZooEntry:
     seconds_40: float = math.nan
     source: str = "torchvision"
     notes: str = ""
+    #: ``make_batch(i, generator) -> (inputs, targets)`` for a task whose batches the generic tasks do not make
+    #: (inputs may be a dict of keyword arguments for the model: a diffusion UNet's sample and timestep, an LM's
+    #: input ids and attention mask)
+    make_batch: Callable[[int, torch.Generator], tuple[Any, torch.Tensor]] | None = field(default=None, compare=False)
 
 
 def _tv(name: str, **kw: Any) -> Callable[[], nn.Module]:
@@ -231,6 +241,8 @@ BUG_MODELS: dict[str, ZooEntry] = {
 def make_batches(entry: ZooEntry, n_batches: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n_batches`` seeded batches ``(inputs, targets)``; training cycles through them."""
     g = torch.Generator().manual_seed(seed)
+    if entry.make_batch is not None:
+        return [entry.make_batch(i, g) for i in range(n_batches)]
     out = []
     for _ in range(n_batches):
         b = entry.batch_size
@@ -243,6 +255,15 @@ def make_batches(entry: ZooEntry, n_batches: int = 8, seed: int = 0) -> list[tup
         elif entry.task == "lm":
             x = torch.randint(0, VOCAB, (b, *entry.input_shape), generator=g)
             y = x.clone()
+        elif entry.task == "seq":  # float sequences [B, T, F], one label per sequence
+            x = torch.randn(b, *entry.input_shape, generator=g)
+            y = torch.randint(0, CLASSES, (b,), generator=g)
+        elif entry.task == "seg":  # images [B, C, H, W], one label per pixel
+            x = torch.randn(b, *entry.input_shape, generator=g)
+            y = torch.randint(0, CLASSES, (b, *entry.input_shape[1:]), generator=g)
+        elif entry.task == "graph":  # node features [N, F] of the model's fixed graph, one label per node
+            x = torch.randn(b, *entry.input_shape, generator=g)
+            y = torch.randint(0, CLASSES, (b,), generator=g)
         else:
             raise ValueError(entry.task)
         out.append((x, y))
@@ -251,11 +272,14 @@ def make_batches(entry: ZooEntry, n_batches: int = 8, seed: int = 0) -> list[tup
 
 def compute_loss(entry: ZooEntry, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Classification CE on random labels, or next-token CE for a causal LM (logits from ``ModelOutput``)."""
-    if entry.task == "image":
+    if entry.task in ("image", "seq", "seg", "graph"):
         out = net(x)
         logits = out if isinstance(out, torch.Tensor) else out[0]  # googlenet/inception namedtuples
         return nn.functional.cross_entropy(logits, y)
-    logits = net(input_ids=x).logits
+    if entry.task == "denoise":  # a diffusion UNet predicts the noise of (sample, timestep)
+        out = net(**x)
+        return nn.functional.mse_loss(out if isinstance(out, torch.Tensor) else out.sample, y)
+    logits = (net(**x) if isinstance(x, dict) else net(input_ids=x)).logits
     if entry.task == "seqcls":
         return nn.functional.cross_entropy(logits, y)
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
@@ -362,6 +386,19 @@ class CallRecord:
         return math.sqrt(self.grad_sq / self.grad_numel) if self.grad_numel else math.nan
 
 
+def _merge_call(into: CallRecord, c: CallRecord) -> None:
+    """Fold call ``c``'s forward statistics into ``into`` (one stream for several calls)."""
+    sq = into.rms ** 2 * into.numel + c.rms ** 2 * c.numel
+    into.numel += c.numel
+    into.rms = math.sqrt(sq / into.numel) if into.numel else math.nan
+    into.nonfinite = into.nonfinite or c.nonfinite
+    into.absmax = max(into.absmax, c.absmax) if math.isfinite(c.absmax) else c.absmax
+    for attr, fn in (("unit_max", torch.maximum), ("unit_min", torch.minimum), ("unit_spread", torch.maximum)):
+        a, b = getattr(into, attr), getattr(c, attr)
+        if a is not None and b is not None and a.shape == b.shape:
+            setattr(into, attr, fn(a, b))
+
+
 @dataclass
 class StepRecord:
     step: int
@@ -388,12 +425,18 @@ class Oracle:
         root: the module whose descendants are hooked.
         units: keep per-unit max/min/spread of every call (for dead-unit questions).
         include: a predicate on the path; only matching modules are hooked.
+        merge_after: when given (README: "up to 4 calls, later calls merge into ``#3``"), the calls ``k >=
+            merge_after - 1`` of a module in one step are ONE record named ``path#<merge_after - 1>``: non-finite
+            if any of them was, absmax the largest, RMS and units over all of them, its gradients accumulated,
+            its place in forward/backward order that of its first call. ``None``: one record per call.
     """
 
-    def __init__(self, root: nn.Module, units: bool = True, include: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, root: nn.Module, units: bool = True, include: Callable[[str], bool] | None = None,
+                 merge_after: int | None = None) -> None:
         self.root = root
         self.units = units
         self.include = include
+        self.merge_after = merge_after
         self.steps: dict[int, StepRecord] = {}
         self.current: StepRecord | None = None
         self._handles: list[Any] = []
@@ -444,7 +487,10 @@ class Oracle:
                 return None
             k = self._counts.get(path, 0)
             self._counts[path] = k + 1
+            if self.merge_after is not None and k >= self.merge_after - 1:
+                k = self.merge_after - 1
             name = path if k == 0 else f"{path}#{k}"
+            merged = rec.by_name().get(name) if self.merge_after is not None else None
             with torch.no_grad():
                 flat = [t.detach().float() for t in tensors]
                 nonfinite = any(bool((~torch.isfinite(t)).any()) for t in flat)
@@ -462,7 +508,11 @@ class Oracle:
                     if first.shape[0] > 1:  # spread across SAMPLES (dim 0) within this step, max over positions
                         per_sample = first.movedim(d, -1).reshape(first.shape[0], -1, first.shape[d])
                         c.unit_spread = (per_sample.amax(0) - per_sample.amin(0)).amax(0).cpu()
-            rec.calls.append(c)
+            if merged is not None:  # a later call folded into the record of call ``merge_after - 1``
+                _merge_call(merged, c)
+                c = merged
+            else:
+                rec.calls.append(c)
             for t in tensors:
                 if t.requires_grad:
                     c.grad_parts += 1
