@@ -54,6 +54,28 @@ def _stack(norms: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(norms)).float()
 
 
+class _FiniteCheck:
+    """Whether every 0-d norm of some groups is finite, read off CUDA only (where it does not wait): the norms
+    are copied into a float32 tensor that shares its memory with a numpy array, so the read is numpy's, with no
+    tensor-to-host call."""
+
+    def __init__(self) -> None:
+        self._host = np.empty(0, np.float32)
+        self._buf = torch.from_numpy(self._host)
+
+    def __call__(self, *groups: Sequence[torch.Tensor]) -> bool:
+        norms = [n for g in groups for n in g]
+        if not norms:
+            return True
+        k = len(norms)
+        if self._host.size < k:
+            self._host = np.empty(k, np.float32)
+            self._buf = torch.from_numpy(self._host)
+        with torch.no_grad():
+            self._buf[:k].copy_(torch.stack(norms))
+        return bool(np.isfinite(self._host[:k]).all())
+
+
 def _absmax(tensors: list[torch.Tensor], device: torch.device, fused: bool) -> torch.Tensor:
     """The largest |element| of each tensor, as one float32 vector on ``device`` (NaN where a NaN is). On CUDA one
     fused ``_foreach_norm(ord=inf)``; elsewhere ``aminmax`` per tensor (the CPU ``ord=inf`` norm is ~13x slower:
@@ -101,6 +123,7 @@ class _Plan:
         self.pair_module = np.asarray(pair_module, dtype=np.int64)
         self.device_index: dict[Any, tuple[Any, ...]] = {}
         self.before: list[torch.Tensor] | None = None
+        self.spare: tuple[list, list[torch.Tensor]] | None = None  # CPU: the kept copy (what it copies, the copy)
         self.copied: list[int] = []
         self.one_device: bool | None = None
         self.sharded = any(hasattr(p, "placements") for p in params)  # DTensors: measure local shards
@@ -120,6 +143,7 @@ class ParamWatch:
         if scope not in PARAM_SCOPES:
             raise ValueError(f"scope must be one of {PARAM_SCOPES}, got {scope!r}")
         self.buffer = buffer
+        self._finite = _FiniteCheck()  # off CUDA: whether the step's norms are finite (the max-abs is measured if not)
         self.names: list[str] = []
         self.owned: list[list[nn.Parameter]] = []
         self.frozen: list[str] = []
@@ -266,15 +290,29 @@ class ParamWatch:
             else:
                 gn = torch._foreach_norm(grads)
             self._add(plan, _G, self._spread(plan, _stack(gn), has_grad, device), has_grad, device)
-        # the largest |element| of weights and gradients, in one fused call: finite exactly when the elements are
-        mx = _absmax(list(params) + grads, device, fused)
-        self._add(plan, _WMAX, mx[:len(params)], every, device, square=False)
-        if grads:
-            self._add(plan, _GMAX, self._spread(plan, mx[len(params):], has_grad, device), has_grad, device,
-                      square=False)
+        # the largest |element| of weights and gradients, in one fused call: finite exactly when the elements are.
+        # It tells only what a norm cannot (an overflowed norm over finite elements, where a NaN/Inf is): off CUDA,
+        # where it costs several passes over every parameter, it is measured only at a step where some norm is not
+        # finite (reading the norms there costs nothing to wait for); otherwise its columns stay "not measured"
+        if device.type == "cuda" or not self._finite(wn, gn if grads else ()):
+            mx = _absmax(list(params) + grads, device, fused)
+            self._add(plan, _WMAX, mx[:len(params)], every, device, square=False)
+            if grads:
+                self._add(plan, _GMAX, self._spread(plan, mx[len(params):], has_grad, device), has_grad, device,
+                          square=False)
         if full and has_grad.any():
             plan.copied = [k for k in np.flatnonzero(has_grad)]
-            plan.before = torch._foreach_mul([params[k] for k in plan.copied], 1.0)  # fused copy
+            srcs = [params[k] for k in plan.copied]
+            if plan.one_device and device.type == "cpu" and hasattr(torch, "_foreach_copy_"):
+                # the CPU returns a fresh copy's pages to the system and faults them in again at every full step
+                # (~2 GB/s): one copy kept for the run instead, refilled in place (the same peak memory)
+                key = [(k, srcs[j].shape, srcs[j].dtype) for j, k in enumerate(plan.copied)]
+                if plan.spare is None or plan.spare[0] != key:
+                    plan.spare = (key, [torch.empty_like(t, memory_format=torch.preserve_format) for t in srcs])
+                torch._foreach_copy_(plan.spare[1], srcs)
+                plan.before = list(plan.spare[1])
+            else:
+                plan.before = torch._foreach_mul(srcs, 1.0)  # fused copy
         if self.hist is not None:
             self._histograms(plan)
 

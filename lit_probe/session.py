@@ -31,7 +31,7 @@ from .gradref import GradReference
 from .history import LOGGED_PARAM_STATS, PARAM_STATS, Derived, History, derive
 from .hooks import HookRegistry, iter_tensors, warn_once
 from .selection import resolve
-from .snapshots import device_part, snapshot_tensor, to_host
+from .snapshots import RecentParts, snapshot_tensor, to_host
 from .stats import HostRows, RankRows, StatBuffer, merge_ranks, pack_rows
 from .vocab import (ACTIVATION, GRADIENT, MAX_CALLS, PARAMETER, is_relu_like, stream_name, unit_count, unit_dim,
                     unit_layouts)
@@ -182,6 +182,7 @@ class ProbeSession:
         # copies of a step whose min/max alarmed are pinned (as host arrays) until findings claim them
         self.recent: dict[int, tuple[torch.Tensor | None, tuple[int, ...]]] | None = None
         self._record = False
+        self._ring: RecentParts | None = None
         self._kept: dict[int, dict] = {}
         self.pinned: dict[int, list[LayerSnapshot]] = {}
         self.pinned_before: tuple[int, list[LayerSnapshot]] | None = None
@@ -275,6 +276,8 @@ class ProbeSession:
             self._grad_hooks_this_step = [0] * n
             if self._record:
                 self.recent = {}
+                if self._ring is not None:
+                    self._ring.advance()
             if self.buffer.pending >= self.buffer.rows:
                 self.flush()  # ring full: read now rather than lose steps
         self.step = int(step)
@@ -393,6 +396,7 @@ class ProbeSession:
         self._record = bool(on)
         self.capture_samples = max(1, int(samples))
         self.capture_channels = max(1, int(channels))
+        self._ring = RecentParts(samples, channels) if on else None
         if not on:
             self.recent, self._kept, self.pinned, self.pinned_before = None, {}, {}, None
 
@@ -440,12 +444,13 @@ class ProbeSession:
                     cdim = entry[5]
                 else:
                     cdim = None
+                d = t.detach() if needs_grad else t  # one detached view for the reductions and the copies
                 # the streams judged for dead units have their units measured on every step (one reduction)
-                self.buffer.observe(act, t.detach() if needs_grad else t, full, cdim, entry[3])
+                self.buffer.observe(act, d, full, cdim, entry[3])
                 if first and self.capture is not None and act not in self.capture:
-                    self._capture(act, i, t)
+                    self._capture(act, i, d)
                 if first and self.recent is not None and act not in self.recent:
-                    self._keep_recent(act, i, t)
+                    self.recent[act] = self._ring.keep(act, d, self.layouts[i])  # type: ignore[union-attr]
             if grads and needs_grad:
                 if recompute and self._grad_hooks_this_step[i] > 0:
                     pass  # the original forward's output already carries our hook
@@ -472,16 +477,13 @@ class ProbeSession:
         if self.capture is not None and slot not in self.capture:
             self._capture(slot, i, grad)
         if self.recent is not None and slot not in self.recent:
-            self._keep_recent(slot, i, grad)
+            self.recent[slot] = self._ring.keep(slot, grad.detach() if grad.requires_grad else grad,  # type: ignore[union-attr]
+                                                self.layouts[i])
 
     def _capture(self, slot: int, i: int, t: torch.Tensor) -> None:
         assert self.capture is not None
         self.capture[slot] = (snapshot_tensor(t, self.capture_samples, self.capture_channels,
                                               layout=self.layouts[i]), tuple(t.shape))
-
-    def _keep_recent(self, slot: int, i: int, t: torch.Tensor) -> None:
-        self.recent[slot] = (device_part(t, self.capture_samples, self.capture_channels,  # type: ignore[index]
-                                         layout=self.layouts[i]), t.shape)
 
     def _hook_failed(self, index: int, where: str, err: BaseException) -> None:
         i = index if where == "forward" else self.slot_module[index]

@@ -20,7 +20,7 @@ import torch
 
 from .vocab import LAYOUTS, layout_for_module, unit_dim
 
-__all__ = ["LAYOUTS", "device_part", "layout_for_module", "snapshot_tensor", "to_host"]
+__all__ = ["LAYOUTS", "RecentParts", "device_part", "layout_for_module", "snapshot_tensor", "to_host"]
 
 
 def snapshot_tensor(
@@ -96,3 +96,70 @@ def _figure_part(x: torch.Tensor, num_samples: int, max_channels: int, layout: s
     if x.shape[u] > max_channels:
         x = x.narrow(u, 0, max_channels)
     return x
+
+
+class RecentParts:
+    """The flight recorder's copies: per stream a ring of :attr:`DEPTH` device buffers of what a figure shows, so
+    that every step costs one copy per stream into memory that already exists (no allocation, no slicing logic:
+    the index of a stream's part is worked out once per shape). The session keeps the last three steps
+    (:meth:`ProbeSession.end_step`) and turns a step's parts into host arrays the moment it claims them, so a ring of
+    four (those three and the step being written) never overwrites a part still in use. Call :meth:`advance` when a
+    new step begins; :meth:`keep` from a hook, with ``t`` detached."""
+
+    DEPTH = 4
+
+    def __init__(self, samples: int, channels: int) -> None:
+        self.samples = max(1, int(samples))
+        self.channels = max(1, int(channels))
+        self.pos = 0
+        # slot -> [shape, dtype, device, index (None: the whole tensor; False: not drawable), ring of buffers, the
+        # part's size]
+        self._plans: dict[int, list] = {}
+
+    def advance(self) -> None:
+        self.pos = (self.pos + 1) % self.DEPTH
+
+    def keep(self, slot: int, t: torch.Tensor, layout: str) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+        """``(copy of the part of t a figure shows, t's shape)``; the copy is ``None`` where :func:`device_part`
+        gives ``None``. The copy stays valid until this slot's ring comes round again (:attr:`DEPTH` steps)."""
+        shape = t.shape
+        plan = self._plans.get(slot)
+        if plan is None or plan[0] != shape or plan[1] is not t.dtype or plan[2] != t.device:
+            index = self._index(t, layout)
+            size = tuple(min(n, i.stop) if isinstance(i, slice) and i.stop is not None else n
+                         for n, i in zip(shape, index + (slice(None),) * (len(shape) - len(index)))) \
+                if isinstance(index, tuple) else None
+            plan = self._plans[slot] = [shape, t.dtype, t.device, index, [None] * self.DEPTH, size]
+        index = plan[3]
+        if index is False:
+            return None, shape
+        if isinstance(index, str):  # a 1-D tensor: one sample of its first units
+            return device_part(t, self.samples, self.channels, layout=layout), shape
+        if index is None:
+            part = t
+        elif type(t) is torch.Tensor:  # a leading corner of every dimension: the same strides and offset
+            part = torch.as_strided(t, plan[5], t.stride(), t.storage_offset())
+        else:  # subclasses (DTensor, ...): their own indexing
+            part = t[index]
+        ring = plan[4]
+        buf = ring[self.pos]
+        if buf is None:
+            ring[self.pos] = part.clone(memory_format=torch.contiguous_format)
+        else:
+            buf.copy_(part)
+        return ring[self.pos], shape
+
+    def _index(self, t: torch.Tensor, layout: str) -> tuple | str | None | bool:
+        if not _drawable(t) or t.is_quantized:
+            return False
+        if t.dim() == 1:
+            return "1d"
+        index = [slice(None)] * t.dim()
+        if t.shape[0] > self.samples:
+            index[0] = slice(0, self.samples)
+        u = unit_dim(layout, t.dim())
+        if t.shape[u] > self.channels:
+            index[u] = slice(0, self.channels)
+        while index and index[-1] == slice(None):
+            index.pop()
+        return tuple(index) if index else None

@@ -151,6 +151,19 @@ class StatBuffer:
         self._sent_min: list[torch.Tensor] = []  # this step's 0-d minima / maxima, folded in by commit()
         self._sent_max: list[torch.Tensor] = []
         self._sent_slot: list[int] = []
+        # float32 tensors (the common case) write their min/max straight into a preallocated [2, capacity] buffer
+        # (0-d views made once): no list of 0-d results and no stack in commit(); on the CPU it is also host memory
+        # (`_shost`, a numpy view), so a full step reads its min/max without a tensor read
+        self._sbuf: torch.Tensor | None = None
+        self._shost: np.ndarray | None = None
+        self._sviews: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._fast_slot: list[int] = []
+        self._fast_idx: tuple[list[int], torch.Tensor] | None = None
+        self._fast_need = 0
+        # this row's host bookkeeping per slot, [calls, numel, full calls, counted]: plain Python in the hooks,
+        # written to the numpy arrays by commit() (idempotent: it assigns the row's totals)
+        self._tally: dict[int, list[int]] = {}
+        self._dev_key: int | None = None  # Tensor.get_device() of the buffers' device (-1: CPU)
         self._zero_pending = False
         self.params = 0  # modules with parameters (ensure_params)
         self._pbuf: torch.Tensor | None = None
@@ -196,6 +209,7 @@ class StatBuffer:
         self.step = step
         self.row = (self._pending[-1] + 1) % self.rows if self._pending else self.row
         r = self.row
+        self._tally = {}
         self.calls[r] = 0
         self.numel[r] = 0
         self.full[r] = 0
@@ -243,6 +257,7 @@ class StatBuffer:
 
     def _alloc_on(self, device: torch.device) -> None:
         self.device = device
+        self._dev_key = torch.empty(0, device=device).get_device()
         self._buf = torch.zeros((self.rows, self.slots, len(COLUMNS)), dtype=torch.float32, device=device)
         self._scale = torch.full((self.rows, 2), math.nan, dtype=torch.float32, device=device)
         if self.params:
@@ -255,9 +270,18 @@ class StatBuffer:
             self._zero_pending = False
 
     def commit(self) -> None:
-        """Fold the step's pending min/max values into the current row (a few kernels, no host sync)."""
+        """Fold the step's pending min/max values into the current row (a few kernels, no host sync), and the
+        host bookkeeping of its calls."""
+        if self._tally:
+            r = self.row
+            for slot, (calls, numel, full, counted) in self._tally.items():
+                self.calls[r, slot] = calls
+                self.numel[r, slot] = numel
+                self.full[r, slot] = full
+                self.counted[r, slot] = counted
         if self._buf is None:
             self._sent_min, self._sent_max, self._sent_slot, self._sent_units = [], [], [], []
+            self._fast_slot = []
             return
         row = self._buf[self.row]
         if self._sent_slot:
@@ -266,6 +290,20 @@ class StatBuffer:
             idx = torch.tensor(self._sent_slot, dtype=torch.int64).to(self.device, non_blocking=True)
             row[:, _MIN].scatter_reduce_(0, idx, vals[:k], "amin")  # NaN propagates, as min/max do
             row[:, _MAX].scatter_reduce_(0, idx, vals[k:], "amax")
+        if self._fast_slot:
+            k = len(self._fast_slot)
+            if self._fast_idx is None or self._fast_idx[0] != self._fast_slot:
+                self._fast_idx = (self._fast_slot, torch.tensor(self._fast_slot, dtype=torch.int64).to(
+                    self.device, non_blocking=True))
+            idx = self._fast_idx[1]
+            sbuf = self._sbuf
+            assert sbuf is not None
+            row[:, _MIN].scatter_reduce_(0, idx, sbuf[0, :k], "amin")
+            row[:, _MAX].scatter_reduce_(0, idx, sbuf[1, :k], "amax")
+            self._fast_slot = []
+        if self._fast_need > len(self._sviews):
+            self._grow_sentinel(self._fast_need)
+        self._fast_need = 0
         if self._sent_units and self._ur >= 0:
             # watched streams without full statistics: max = the max of their per-unit maxima (one scatter for
             # all); the min column gets a placeholder (the least per-unit maximum), flagged in `minless`
@@ -283,6 +321,18 @@ class StatBuffer:
             row[:, _MAX].scatter_reduce_(0, idx, vals, "amax")
             row[:, _MIN].scatter_reduce_(0, idx, vals, "amin")
         self._sent_min, self._sent_max, self._sent_slot, self._sent_units = [], [], [], []
+
+    def _grow_sentinel(self, need: int) -> None:
+        """Room for ``need`` float32 min/max pairs a step (between steps: commit() has read the old buffer)."""
+        cap = max(64, need + need // 2)
+        with torch.inference_mode(False):
+            if self.device is not None and self.device.type == "cpu":
+                self._shost = np.zeros((2, cap), np.float32)
+                self._sbuf = torch.from_numpy(self._shost)
+            else:
+                self._shost = None
+                self._sbuf = torch.zeros((2, cap), dtype=torch.float32, device=self.device)
+            self._sviews = [(self._sbuf[0, i], self._sbuf[1, i]) for i in range(cap)]
 
     def peek(self) -> tuple[int, torch.Tensor, object] | None:
         """Start copying the current row's min/max to the host without waiting (``on_finding="raise"/"stop"``).
@@ -342,38 +392,51 @@ class StatBuffer:
         r = self.row
         buf = self._buf
         assert buf is not None
-        if t.device != self.device:
+        if t.get_device() != self._dev_key and t.device != self.device:
             t = t.to(self.device, non_blocking=True)  # model-parallel: keep the one buffer
         if t.dim() == 0:
             t = t.reshape(1)
-        calls = self.calls
-        k = calls[r, slot]
-        first = k == 0
-        if first:
+        n = t.numel()
+        tally = self._tally.get(slot)
+        first = tally is None
+        if tally is None:
             self.order[r].append(slot)
-        calls[r, slot] = k + 1
-        self.numel[r, slot] += t.numel()
+            tally = self._tally[slot] = [1, n, 0, 0]
+        else:
+            tally[0] += 1
+            tally[1] += n
         track = channel_dim is not None and slot not in self._bad_channels
         if track and watch_units and self._watch_units(slot, t, channel_dim, sentinel=not full):
             return  # a step without full statistics: the per-unit maxima were the sentinel
         # min/max are exact in the tensor's own dtype (bf16/fp16 are never copied to float32 in full); the 0-d
         # results wait in a list and go into the ring in one scatter per step (commit): one kernel per tensor
-        mn, mx = torch.aminmax(t)
-        self._sent_min.append(mn)
-        self._sent_max.append(mx)
-        self._sent_slot.append(slot)
+        k = len(self._fast_slot)
+        if k < len(self._sviews) and t.dtype == torch.float32 and not t.requires_grad:
+            mn, mx = views = self._sviews[k]
+            torch.aminmax(t, out=views)
+            self._fast_slot.append(slot)
+        else:
+            if t.dtype == torch.float32:
+                self._fast_need = max(self._fast_need, k + 1)
+            mn, mx = torch.aminmax(t)
+            self._sent_min.append(mn)
+            self._sent_max.append(mx)
+            self._sent_slot.append(slot)
         if track and full and not watch_units:
             self._track_units(slot, t, channel_dim)  # type: ignore[arg-type]
         if not full:
             return
         native = t.dtype in _FLOATS
-        self.full[r, slot] += 1
+        tally[2] += 1
         row = buf[r, slot]
-        n = t.numel()
         head = t if n <= COUNT_CAP or t.dim() < 2 else t[:max(1, -(-COUNT_CAP * t.shape[0] // n))]
-        self.counted[r, slot] += head.numel()
-        # counts: x - x is 0 where finite and NaN where NaN/Inf, and count_nonzero counts NaN
-        row[_NF] += torch.count_nonzero(head - head)
+        tally[3] += head.numel()
+        # counts: x - x is 0 where finite and NaN where NaN/Inf, and count_nonzero counts NaN. On the CPU a
+        # float32 min/max is in host memory already: both finite means no NaN/Inf anywhere (NaN propagates)
+        shost = self._shost
+        if shost is None or not self._fast_slot or self._fast_slot[-1] != slot or \
+                not (math.isfinite(shost[0, k]) and math.isfinite(shost[1, k])):
+            row[_NF] += torch.count_nonzero(head - head)
         if channel_dim is not None:
             row[_NZ] += torch.count_nonzero(head)
         acc = None if native else torch.float32  # sums accumulate in float32 without a float32 copy
@@ -573,6 +636,8 @@ class StatBuffer:
         """Drop the device buffers (after a run); a later step allocates them again."""
         self._buf = self._scale = self._pbuf = None
         self._sent_min, self._sent_max, self._sent_slot = [], [], []
+        self._sbuf = self._shost = self._fast_idx = None
+        self._sviews, self._fast_slot, self._fast_need = [], [], 0
         self.device = None
         self.last_fired = {}
         self._uring, self._uviews, self._ustep, self._uwrote, self._unit_index = {}, {}, None, {}, {}

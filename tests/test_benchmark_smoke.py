@@ -197,3 +197,20 @@ def test_param_research_writes_to_a_fresh_temporary_directory_by_default(tmp_pat
                         "--out", str(cache.parent), "--reuse")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "tv_vit|adam 0.001" in again.stdout and "  tv_vit:" not in again.stderr  # nothing trained
+
+
+def test_paired_processes_take_turns_and_count_every_block(tmp_path: Path) -> None:
+    """``benchmarks/paired.py``: one process per variant, the baton passed every ``--block`` steps; every process
+    reports one time per block (so the loop is counted whole) and the table names each variant's ratio."""
+    out = tmp_path / "paired.json"
+    script = SCRIPT.parent / "paired.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", "mlp50", "--steps", "12", "--block", "4",
+                           "--batch", "8", "--variants", "net", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"none", "net"}
+    for r in res.values():
+        assert len(r["blocks"]) == 3 and all(b > 0 for b in r["blocks"])
+    assert res["net"]["modules"] == 49 and res["none"]["modules"] == 0
+    assert "| net | 49 |" in proc.stdout and "Targets:" in proc.stdout and "net (1 thread(s)) <= 2.00x" in proc.stdout
