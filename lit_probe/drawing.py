@@ -15,9 +15,10 @@ once, then ``("done", job_id, Result)`` per job. The child's own prints go to st
 training process decides), starts at ``nice`` +5 and, once ready, draws at the lowest priority (``nice`` 19 and
 ``SCHED_BATCH`` on Linux: about 1.5 % of a core while a training thread wants it, never preempting one on wakeup;
 every idle cycle otherwise), with one thread per numeric library, and exits on the stop message, when its stdin
-closes or when its parent is gone. A training that uses every core (``torch.set_num_threads(cores)``) is then not
-slowed by drawing: its figures are drawn in the cycles it leaves idle, and at fit end (bounded by
-``figure_wait_s``).
+closes or when its parent is gone. A training that uses every core (``torch.set_num_threads(cores)``) then has its
+figures drawn mostly in the cycles it leaves idle, and at fit end (bounded by ``figure_wait_s``); it still pays a
+little (``benchmarks/paired.py --threads 2``: 1.139x with figures against 1.071x without on 2 cores). ``SCHED_IDLE``
+was tried: it left the drawing so few cycles that a figure step's figures missed ``figure_wait_s``.
 
 The queue that feeds it, and what happens when it cannot start, is :mod:`lit_probe.render`'s. This module
 imports neither torch, lightning nor wandb.

@@ -37,6 +37,7 @@ from matplotlib.collections import LineCollection, PatchCollection
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import NullLocator
 
 __all__ = [
     "DEAD_GID",
@@ -65,7 +66,6 @@ _SPECIAL: dict[bool, dict[str, tuple[str, str]]] = {  # diverging -> kind -> (co
 _PAD = "#8c8c8c"  # separator between tiles (mid grey: in neither map, unlike black or white)
 _DEAD = "#ff1a1a"
 _GRID_WIDTH_IN = 9.0  # 900 px at dpi 100
-_MAX_TILE_LABELS = 64
 #: Outliers: the largest magnitudes of a map, at most :data:`OUTLIER_MAX_FRACTION` of its cells, that sit above
 #: a gap of at least this factor between consecutive magnitudes (``1e19`` cells among values around 1). They
 #: take no part in the colour range and are drawn in the "high"/"low" colour when outside it.
@@ -431,9 +431,17 @@ def _special_legend(
             handles.append(Patch(facecolor=palette[key][0], edgecolor="black", label=" · ".join(parts)))
     if n_dead:
         handles.append(Line2D([], [], color=_DEAD, lw=1.5, label=f"dead: {n_dead}"))
-    if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), fontsize=8,
-                   frameon=False, handlelength=1.2)
+    if handles:  # in the strip the caller keeps free under the image (:func:`_legend_rows` rows)
+        fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 3),
+                   fontsize=8, frameon=False, handlelength=1.2)
+
+
+def _legend_rows(special: dict[str, np.ndarray], n_dead: int) -> int:
+    """How many rows :func:`_special_legend` takes (3 entries a row; 0 when it draws nothing)."""
+    n = int(bool(special["nan"].any())) + int(n_dead > 0)
+    n += int(bool(special["pos"].any() or special["high_outlier"].any()))
+    n += int(bool(special["neg"].any() or special["low_outlier"].any()))
+    return -(-n // 3)
 
 
 def feature_grid(
@@ -563,29 +571,43 @@ def feature_grid(
         fig_w = _GRID_WIDTH_IN
         fig_h = min(max(2.0 + 0.12 * n_r, 3.5), 9.0)
 
-    fig = Figure(figsize=(fig_w, fig_h), layout="constrained")
-    ax = fig.add_subplot()
+    # fixed layout (inches), not constrained layout: that measured every text and tick label several times
+    # over and was half of the drawing time of a figure step
+    n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+    top = 0.62  # suptitle and subtitle
+    bottom = 0.12 + 0.24 * _legend_rows(special, n_dead)
+    if kind == "tiles":
+        left, right = 0.4, 1.05  # row numbers; colour bar, its ticks and its label
+        bottom += 0.28  # the x label
+        top += 0.15  # column numbers
+    else:
+        left, right = 0.7, 1.05
+        bottom += 0.55  # tick labels and x label
+    avail_w, avail_h = fig_w - left - right, fig_h - top - bottom
+    if kind == "tiles":  # the image box itself (aspect "equal"), centred; the colour bar right beside it
+        k = min(avail_w / img.shape[1], avail_h / img.shape[0])
+        box_w, box_h = img.shape[1] * k, img.shape[0] * k
+        x0, y0 = left + (avail_w - box_w) / 2, bottom + (avail_h - box_h) / 2
+    else:
+        box_w, box_h, x0, y0 = avail_w, avail_h, left, bottom
+    fig = Figure(figsize=(fig_w, fig_h))
+    ax = fig.add_axes((x0 / fig_w, y0 / fig_h, box_w / fig_w, box_h / fig_h))
+    cb_h = 0.85 * box_h
+    cax = fig.add_axes(((x0 + box_w + 0.1) / fig_w, (y0 + (box_h - cb_h) / 2) / fig_h, 0.14 / fig_w, cb_h / fig_h),
+                       label="<colorbar>")
     if kind == "tiles":
         ax.imshow(img, interpolation="nearest", aspect="equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
         step_h, step_w = h + sep, w + sep
-        if c <= _MAX_TILE_LABELS:
-            fs = 7 if grid_c <= 8 else 5
-            for i in range(c):
-                r, q = divmod(i, grid_c)
-                ax.text(
-                    sep + q * step_w + 0.3,
-                    sep + r * step_h + 0.3,
-                    str(i),
-                    fontsize=fs,
-                    color="white",
-                    va="top",
-                    ha="left",
-                    bbox={"boxstyle": "square,pad=0.05", "fc": "black", "ec": "none", "alpha": 0.55},
-                )
-        else:
-            ax.set_xlabel(f"channel = row x {grid_c} + column", fontsize=8)
+        # tiles are numbered by their row (the first channel of it, left) and their column (top): 16 tick labels
+        # instead of a boxed number per tile, which was half of the grid's drawing time
+        every = -(-max(grid_r, grid_c) // 16)
+        cols = list(range(0, grid_c, every))
+        rows = list(range(0, grid_r, every))
+        ax.set_xticks([sep + q * step_w + (w - 1) / 2 for q in cols], [str(q) for q in cols])
+        ax.set_yticks([sep + r * step_h + (h - 1) / 2 for r in rows], [str(r * grid_c) for r in rows])
+        ax.xaxis.tick_top()
+        ax.tick_params(length=0, pad=2, labelsize=6 if grid_c > 8 else 7)
+        ax.set_xlabel(f"channel = row's number (left) + column's (top), {grid_c} to a row", fontsize=8)
         if dead_mask is not None and dead_mask.any():
             segs: list = []
             for i in np.flatnonzero(dead_mask):
@@ -616,13 +638,14 @@ def feature_grid(
         ax.tick_params(labelsize=7)
 
     sm = ScalarMappable(norm=mcolors.Normalize(vmin=lo, vmax=hi), cmap=cmap)
-    cb = fig.colorbar(sm, ax=ax, shrink=0.85, pad=0.01, extend="both", fraction=0.04)
+    cb = fig.colorbar(sm, cax=cax, extend="both")
     cb.ax.tick_params(labelsize=7)
     cb.set_label("gradient (0 = white)" if diverging else "activation", fontsize=8)
-    n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
     _special_legend(fig, special, palette, arr, n_dead)
-    fig.suptitle(title, fontsize=11)
-    ax.set_title(" · ".join(info), fontsize=8, color="#b00000" if (nf or n_outliers) else "black")
+    fig.suptitle(title, fontsize=11, y=1.0 - 0.08 / fig_h, va="top")
+    # an explicit y: matplotlib does not measure the axes' tick labels to place the title
+    ax.set_title(" · ".join(info), fontsize=8, color="#b00000" if (nf or n_outliers) else "black", y=1.0,
+                 pad=14 if kind == "tiles" else 6)  # above the column numbers of a tile grid
     return fig
 
 
@@ -648,12 +671,14 @@ def _draw_histogram(ax, values: np.ndarray, label: str, bins: int, color: str) -
         counts, edges = np.histogram(finite, bins=bins, range=(lo, hi))
         ax.stairs(counts, edges, fill=True, color=color, alpha=0.85)
         ax.set_yscale("log")
+        ax.yaxis.set_minor_locator(NullLocator())  # unlabelled, and most of a histogram's drawing time
         ax.set_ylim(0.7, max(float(counts.max()), 1.0) * 2.0)
         ax.set_xlim(edges[0], edges[-1])
         if lo < 0 < hi:
             ax.axvline(0.0, color="black", lw=0.6, alpha=0.5)
     else:
         ax.set_yscale("log")
+        ax.yaxis.set_minor_locator(NullLocator())
         ax.set_ylim(0.7, 10)
         ax.text(0.5, 0.5, "no finite values", transform=ax.transAxes, ha="center", va="center",
                 fontsize=11, color="#b00000")
@@ -690,7 +715,7 @@ def _draw_histogram(ax, values: np.ndarray, label: str, bins: int, color: str) -
         bbox={"boxstyle": "round,pad=0.3", "fc": "#fff0f0" if nonfinite else "#f4f4f4", "ec": "#999999"},
     )
     suffix = f"  [{_nonfinite_text(n_nan, n_pos, n_neg)}]" if nonfinite else ""
-    ax.set_title(label + suffix, fontsize=9, color="#b00000" if nonfinite else "black", loc="left")
+    ax.set_title(label + suffix, fontsize=9, color="#b00000" if nonfinite else "black", loc="left", y=1.0)
 
 
 def histograms(
@@ -715,11 +740,16 @@ def histograms(
         raise ValueError(f"bins must be >= 1, got {bins}")
     colors = ("#3b6fb6", "#c8553d", "#2a9d8f", "#8a5a9e")
     n = len(panels)
-    fig = Figure(figsize=(9.0, 1.0 + 2.6 * n), layout="constrained")
-    axes = fig.subplots(n, 1, squeeze=False)[:, 0]
-    for i, ((label, vals), ax) in enumerate(zip(panels, axes)):
+    # fixed layout (inches): the statistics box at the right of each panel, its title above, its x label below
+    fig_w, fig_h = 9.0, 1.0 + 2.6 * n
+    top, left, right, above, below = 0.45, 0.75, 2.05, 0.3, 0.5
+    slot = (fig_h - top - 0.05) / n
+    fig = Figure(figsize=(fig_w, fig_h))
+    for i, (label, vals) in enumerate(panels):
+        y = fig_h - top - (i + 1) * slot + below
+        ax = fig.add_axes((left / fig_w, y / fig_h, (fig_w - left - right) / fig_w, (slot - above - below) / fig_h))
         _draw_histogram(ax, vals, label, bins, colors[i % len(colors)])
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=11, y=1.0 - 0.1 / fig_h, va="top")
     return fig
 
 

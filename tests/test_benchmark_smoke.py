@@ -200,17 +200,26 @@ def test_param_research_writes_to_a_fresh_temporary_directory_by_default(tmp_pat
 
 
 def test_paired_processes_take_turns_and_count_every_block(tmp_path: Path) -> None:
-    """``benchmarks/paired.py``: one process per variant, the baton passed every ``--block`` steps; every process
-    reports one time per block (so the loop is counted whole) and the table names each variant's ratio."""
+    """``benchmarks/paired.py``: per round one process per variant, the baton passed every ``--block`` steps; every
+    process reports one time per block (so the loop is counted whole), who starts rotates between rounds, and the
+    table names each variant's ratio per round and their median."""
     out = tmp_path / "paired.json"
     script = SCRIPT.parent / "paired.py"
     proc = subprocess.run([sys.executable, str(script), "--model", "mlp50", "--steps", "12", "--block", "4",
-                           "--batch", "8", "--variants", "net", "--json", str(out)],
+                           "--batch", "8", "--variants", "none2,net", "--rounds", "2", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads(out.read_text())["results"]
-    assert set(res) == {"none", "net"}
-    for r in res.values():
-        assert len(r["blocks"]) == 3 and all(b > 0 for b in r["blocks"])
-    assert res["net"]["modules"] == 49 and res["none"]["modules"] == 0
-    assert "| net | 49 |" in proc.stdout and "Targets:" in proc.stdout and "net (1 thread(s)) <= 2.00x" in proc.stdout
+    rounds = json.loads(out.read_text())["rounds"]
+    assert len(rounds) == 2
+    for res in rounds:
+        assert set(res) == {"none", "none2", "net"}
+        for r in res.values():
+            assert len(r["blocks"]) == 3 and all(b > 0 for b in r["blocks"])
+        assert res["net"]["modules"] == 49 and res["none"]["modules"] == 0 and res["none2"]["modules"] == 0
+        assert res["net"]["pngs"] > 0 and res["none"]["pngs"] == 0  # the probe drew its step-0 figures
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| net | 49 |"))
+    per_round = [float(x) for x in row.split("|")[4].split(",")]
+    # against the mean of the round's two no-probe processes
+    net = [2 * sum(r["net"]["blocks"]) / (sum(r["none"]["blocks"]) + sum(r["none2"]["blocks"])) for r in rounds]
+    assert per_round == pytest.approx(net, abs=1e-3)
+    assert "Targets:" in proc.stdout and "net (1 thread(s)) <= 2.00x (median of 2:" in proc.stdout
