@@ -63,6 +63,10 @@ class ProbeCallback:
             drawn from the step that fired, ``<figure>_at.png``, beside ``<figure>_before.png``.)
         gradcam_layers: Grad-CAM maps of the first ``num_samples`` images for these layers at figure steps.
         figure_wait_s: seconds the end of fit waits for figures still being drawn (``None``: all of them).
+        figure_share: while training runs, the drawing process is busy at most this fraction of the wall time on
+            average (bursts of up to 2 s at once), so that it never competes with the training for long; what it
+            has not drawn waits in the queue and is drawn at fit end, at full speed, within ``figure_wait_s``.
+            Figures that explain a finding are never held back. ``None``: draw whenever there are figures.
         param_scope: ``"own"`` (a module's own parameters) or ``"recursive"`` (its whole subtree's).
         stats_file_mb: the per-step statistics (every stream's, every step) kept in ``<save_dir>/stats.bin`` for
             ``lit-probe diff``, up to this many megabytes (then the file stops growing and the record says at which
@@ -105,6 +109,7 @@ class ProbeCallback:
         history_csv_steps: int = 200,
         gradcam_layers: Optional[list[str]] = None,
         figure_wait_s: Optional[float] = 10.0,
+        figure_share: Optional[float] = 0.1,
         param_scope: Literal["own", "recursive"] = "own",
         stats_file_mb: Optional[float] = 256.0,
         every_n_steps: Optional[int] = None,

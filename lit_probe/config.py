@@ -57,6 +57,7 @@ class ProbeConfig:
     history_csv_steps: int = 200
     gradcam_layers: list[str] = field(default_factory=list)
     figure_wait_s: Optional[float] = 10.0
+    figure_share: Optional[float] = 0.1
     param_scope: str = "own"
     stats_file_mb: Optional[float] = 256.0
 
@@ -99,6 +100,11 @@ class ProbeConfig:
             if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
                 raise ProbeConfigError(f"`figure_wait_s` must be a number of seconds >= 0 or None, got {wait!r}.")
             set_(self, "figure_wait_s", float(wait))
+        share = self.figure_share
+        if share is not None:
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise ProbeConfigError(f"`figure_share` must be a fraction of the time in (0, 1] or None, got {share!r}.")
+            set_(self, "figure_share", float(share))
         mb = self.stats_file_mb
         if mb is not None:
             if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb >= 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -303,12 +303,13 @@ def diagnose(state: Diagnosis, d: Derived, units: Mapping[int, np.ndarray] | Non
     st = state.copy()
     streams = Streams(names, signals, dead_judged)
     out: list[Finding] = []
+    settled = _exploding_in_bulk(st, d, streams, t)  # the streams no row of this read makes explode, all at once
     for i in range(len(d)):
         if _skipped(d, i):
             st.skipped_steps.append(int(d.steps[i]))
         st, f = find_nonfinite(st, d, i, streams)
         out += f
-        st, f = find_exploding(st, d, i, streams, t)
+        st, f = find_exploding(st, d, i, streams, t, settled)
         out += f
         st, f = find_vanishing(st, d, i, streams, t, params, grad_reference)
         out += f
@@ -414,13 +415,17 @@ def find_nonfinite(st: Diagnosis, d: Derived, i: int, streams: Streams) -> tuple
 
 
 def find_exploding(st: Diagnosis, d: Derived, i: int, streams: Streams,
-                   t: Thresholds) -> tuple[Diagnosis, list[Finding]]:
-    """Absolute bound on absmax, or growth over the stream's running median. Requires: absmax (every step)."""
+                   t: Thresholds, settled: Collection[int] = ()) -> tuple[Diagnosis, list[Finding]]:
+    """Absolute bound on absmax, or growth over the stream's running median. Requires: absmax (every step).
+    ``settled``: streams :func:`_exploding_in_bulk` has already taken through every row of ``d``."""
     absmax = d.get("absmax")[i]
     calls = d.get("calls")[i]
     skipped = _skipped(d, i)
     out = []
-    for s in np.flatnonzero((calls > 0) & np.isfinite(absmax)):
+    todo = (calls > 0) & np.isfinite(absmax)
+    if settled:
+        todo[[s for s in settled if s < len(todo)]] = False
+    for s in np.flatnonzero(todo):
         a = float(absmax[s])
         if skipped and streams.signals[s] == "gradient":
             continue
@@ -445,6 +450,58 @@ def find_exploding(st: Diagnosis, d: Derived, i: int, streams: Streams,
         if len(q) > t.growth_window:
             del q[0]
     return st, out
+
+
+def _exploding_in_bulk(st: Diagnosis, d: Derived, streams: Streams, t: Thresholds) -> set[int]:
+    """What :func:`find_exploding` does row by row, for every stream at once where no row of ``d`` explodes and
+    its running window is full (the common case: a read of a long, healthy training). For each such stream the
+    ``k``-th value it measured in ``d`` is judged against the median of the ``growth_window`` values before it
+    (the last ones kept and this read's earlier ones): the same values, in the same order, as the row loop. When
+    none crosses a bound its window becomes the last ``growth_window`` values and the stream is returned
+    (settled); a stream with an explosion in this read, or a short window, is left to the row loop."""
+    w = int(t.growth_window)
+    n = len(d)
+    if n < 2 or w < t.min_history or not st.absmax:
+        return set()
+    absmax = d.get("absmax")
+    calls = d.get("calls")
+    k = min(absmax.shape[1], len(streams.signals))
+    valid = (calls[:, :k] > 0) & np.isfinite(absmax[:, :k])
+    skipped = np.array([_skipped(d, i) for i in range(n)], bool)
+    if skipped.any():  # GradScaler skipped: gradient values of that row are not judged (nor kept)
+        grad = np.array([sig == "gradient" for sig in streams.signals[:k]], bool)
+        valid &= ~(skipped[:, None] & grad[None, :])
+    full_rows = valid.all(axis=0)
+    cand = [s for s in range(k) if len(st.absmax.get(s, ())) == w]
+    settled: set[int] = set()
+    # the streams measured on every row: one median call for all of them
+    whole = [s for s in cand if full_rows[s]]
+    if whole:
+        vals = absmax[:, whole].T.astype(np.float64)  # [S, n]
+        hist = np.array([st.absmax[s] for s in whole], np.float64)  # [S, w]
+        win = np.lib.stride_tricks.sliding_window_view(np.concatenate([hist, vals], axis=1), w, axis=1)[:, :n]
+        med = np.median(win, axis=2)  # [S, n]: the window before each value
+        over = (vals > t.exploding_absmax) | ((med > 0) & (vals > t.exploding_growth * med))
+        for j, s in enumerate(whole):
+            if not over[j].any():
+                st.absmax[s] = np.concatenate([hist[j], vals[j]])[-w:].tolist()
+                st.active.discard((s, "exploding"))
+                settled.add(s)
+    for s in cand:
+        if full_rows[s]:
+            continue
+        v = absmax[valid[:, s], s].astype(np.float64)
+        if not len(v):
+            settled.add(s)  # nothing to judge or keep in this read
+            continue
+        hist1 = np.asarray(st.absmax[s], np.float64)
+        allv = np.concatenate([hist1, v])
+        med1 = np.median(np.lib.stride_tricks.sliding_window_view(allv, w)[:len(v)], axis=1)
+        if not ((v > t.exploding_absmax) | ((med1 > 0) & (v > t.exploding_growth * med1))).any():
+            st.absmax[s] = allv[-w:].tolist()
+            st.active.discard((s, "exploding"))
+            settled.add(s)
+    return settled
 
 
 def _running_median(q: Sequence[float], t: Thresholds) -> float:

@@ -17,10 +17,12 @@ training process decides), starts at ``nice`` +5 and, once ready, draws at the l
 every idle cycle otherwise), with one thread per numeric library, and exits on the stop message, when its stdin
 closes or when its parent is gone. A training that uses every core (``torch.set_num_threads(cores)``) then has its
 figures drawn mostly in the cycles it leaves idle, and at fit end (bounded by ``figure_wait_s``); it still pays a
-little (``benchmarks/paired.py --threads 2``: 1.139x with figures against 1.071x without on 2 cores). ``SCHED_IDLE``
+little (``benchmarks/paired.py --threads 2``: 1.139x with figures against 1.071x without on 2 cores before
+``figure_share`` bounded how long it draws while training runs; 1.102x and 1.020x in two runs after). ``SCHED_IDLE``
 was tried: it left the drawing so few cycles that a figure step's figures missed ``figure_wait_s``.
 
-The queue that feeds it, and what happens when it cannot start, is :mod:`lit_probe.render`'s. This module
+How long it draws while training runs (``figure_share``), the queue that feeds it, and what happens when it
+cannot start, are :mod:`lit_probe.render`'s. This module
 imports neither torch, lightning nor wandb.
 """
 

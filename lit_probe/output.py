@@ -110,7 +110,8 @@ class ProbeOutput:
         self.disk = DiskSink(self.out_dir, mode=cfg.figure_files, max_versions=cfg.max_versions)  # type: ignore[arg-type]
         n = self.max_figure_layers if self.max_figure_layers is not None else 256
         self.renderer = FigureRenderer([self.disk] + sinks, figures=self.figure_kinds, max_channels=cfg.max_channels,
-                                       max_queue=2 * (n + 8) + 2, wait_when_full=cfg.figure_wait_s is None)
+                                       max_queue=2 * (n + 8) + 2, wait_when_full=cfg.figure_wait_s is None,
+                                       share=cfg.figure_share)
 
     # ------------------------------------------------------------------ verbs
     def say(self, msg: str) -> None:

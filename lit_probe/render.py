@@ -22,6 +22,17 @@ drawing failed is listed in :attr:`FigureRenderer.skipped` (layer, figure, step,
 :meth:`FigureRenderer.skipped_summary`. ``close`` always ends the child (stop message, then terminate / kill)
 and joins the threads.
 
+Paced (``share``, the probe's ``figure_share``, 0.1 by default): while training runs the drawing is busy at most
+that fraction of the wall time on average -- a token bucket of drawing time, refilled at ``share`` seconds per
+second up to ``burst_s`` (2 s), spent by each job's busy time (with the process backend, from the moment the job
+is handed to the child, which then gets one job at a time, to its PNGs' return). A job waits in the queue until
+its turn; a priority or urgent job never waits for time, and :meth:`FigureRenderer.drain` and
+:meth:`FigureRenderer.close` lift the limit while they wait (fit end draws the rest at full speed, within its
+bound). Why time and not priority alone: a drawing process at ``nice`` 19 still slows a training beside it (it
+shares the caches and memory bandwidth, and with every core in use it takes the cycles a parallel region then
+waits for), so the lever is how long it runs. A queue that fills because of it says so in
+:meth:`FigureRenderer.skipped_summary`.
+
 Colour scales: one :class:`~lit_probe.figures.ColorScale` per (layer, figure) lives where the drawing happens
 (in the child with the process backend) -- computing ranges in the training process would cost it the
 percentiles. The child returns the updated ranges with each result; the renderer keeps a mirror in
@@ -84,7 +95,8 @@ class SkippedFigure:
 
 
 _RUNTIME = ("_lock", "_cond", "_inflight", "_delivering", "_outbox", "_next_id", "_pid", "_proc", "_sender",
-            "_drawer", "_threads", "_stopping", "_child_ready", "_local", "_active", "_priority")
+            "_drawer", "_threads", "_stopping", "_child_ready", "_local", "_active", "_priority", "_pacer",
+            "_unpaced", "_sent_at")
 
 
 class FigureRenderer:
@@ -122,6 +134,8 @@ class FigureRenderer:
         bins: int = 60,
         backend: str = "process",
         wait_when_full: bool = False,
+        share: float | None = None,
+        burst_s: float = 2.0,
     ) -> None:
         figures = tuple(figures)
         unknown = [f for f in figures if f not in FIGURE_KINDS]
@@ -133,6 +147,10 @@ class FigureRenderer:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        if share is not None and not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1] or None, got {share!r}")
+        if burst_s < 0:
+            raise ValueError(f"burst_s must be >= 0, got {burst_s!r}")
         self.sinks = list(sinks)
         self.figures = figures
         self.max_channels = int(max_channels)
@@ -141,6 +159,12 @@ class FigureRenderer:
         self.bins = int(bins)
         self.backend = backend
         self.wait_when_full = bool(wait_when_full)
+        #: the most of the wall time the drawing may be busy on average while training runs (``None``: no limit);
+        #: :meth:`drain` and :meth:`close` lift it. Never applied with ``wait_when_full`` (the training waits).
+        self.share = None if share is None or wait_when_full else float(share)
+        self.burst_s = float(burst_s)
+        #: seconds the drawing was held back by :attr:`share` (it waited for its time to accrue).
+        self.paced_s = 0.0
         #: jobs refused because the queue was full, or cancelled by :meth:`close`.
         self.dropped = 0
         #: jobs finished (drawn and written, or failed).
@@ -173,6 +197,9 @@ class FigureRenderer:
         self._drawer: threading.Thread | None = None  # the drawing thread (thread backend, fallback)
         self._local: Drawer | None = None
         self._active = "thread" if (self.backend == "thread" or self._fallback_reason) else "process"
+        self._pacer = None if self.share is None else _Pacer(self.share, self.burst_s)
+        self._unpaced = 0  # drain() / close() calls in progress: draw at full speed meanwhile
+        self._sent_at: dict[int, float] = {}  # job id -> when it went to the child (paced: one at a time)
 
     def __getstate__(self) -> dict[str, Any]:
         with self._lock:
@@ -347,7 +374,8 @@ class FigureRenderer:
             job = Job(self._next_id, kind, args, figures)
             self._next_id += 1
             self._inflight[job.id] = job
-            if urgent:
+            if urgent:  # ahead of everything, and like a priority job never held back by the drawing's share
+                self._priority.add(job.id)
                 self._outbox.appendleft(job)
             elif priority:  # after the priority jobs already waiting, before every routine one
                 self._priority.add(job.id)
@@ -407,11 +435,16 @@ class FigureRenderer:
             return not self._inflight
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._inflight:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(0.5 if remaining is None else min(remaining, 0.5))
+            self._unpaced += 1  # whoever waits for the figures gets them at full speed
+            self._cond.notify_all()
+            try:
+                while self._inflight:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(0.5 if remaining is None else min(remaining, 0.5))
+            finally:
+                self._unpaced -= 1
         return True
 
     def close(self, timeout: float | None = 10.0) -> bool:
@@ -518,6 +551,10 @@ class FigureRenderer:
         with self._lock:
             agg = {k: (n, set(v)) for k, (n, v) in self._skip_agg.items()}
         lines = []
+        why = {}
+        if self.share is not None and self.paced_s > 0:  # the queue filled because the drawing was kept to its share
+            why["queue full"] = (f"queue full (the drawing is busy at most {self.share * 100:g}% of the time while training "
+                                 "runs: figure_share)")
         for reason in SKIP_REASONS + tuple(sorted({r for r, _ in agg} - set(SKIP_REASONS))):
             steps = sorted(s for r, s in agg if r == reason)
             if not steps:
@@ -526,12 +563,12 @@ class FigureRenderer:
                 for s in steps:
                     n, layers = agg[(reason, s)]
                     lines.append(f"{_count(n, 'figure')} of {_count(len(layers), 'layer')} at step {s} "
-                                 f"not drawn: {reason}")
+                                 f"not drawn: {why.get(reason, reason)}")
             else:
                 n = sum(agg[(reason, s)][0] for s in steps)
                 layers = set().union(*(agg[(reason, s)][1] for s in steps))
                 lines.append(f"{_count(n, 'figure')} of {_count(len(layers), 'layer')} at {len(steps)} steps "
-                             f"({steps[0]} to {steps[-1]}) not drawn: {reason}")
+                             f"({steps[0]} to {steps[-1]}) not drawn: {why.get(reason, reason)}")
         return lines
 
     def _skip_locked(self, figures: list[tuple[str, str, int]], reason: str) -> None:
@@ -568,7 +605,11 @@ class FigureRenderer:
 
     def _complete(self, job_id: int, result: Result) -> None:
         """Write a finished job's PNGs to the sinks, record its failures, retire it."""
-        with self._lock:
+        with self._cond:
+            sent = self._sent_at.pop(job_id, None)
+            if sent is not None and self._pacer is not None:  # the child drew it alone: busy since it was sent
+                self._pacer.spent(time.monotonic() - sent)
+                self._cond.notify_all()
             job = self._inflight.get(job_id)
             if job is None:  # cancelled by close() meanwhile: its figures are already listed as skipped
                 return
@@ -608,12 +649,33 @@ class FigureRenderer:
             self._threads.append(t)
             t.start()
 
+    def _wait_turn_locked(self, ready: Any, gone: Any = lambda: False) -> None:
+        """Paced drawing (:attr:`share`): wait (holding the condition) until ``ready()`` and the drawing's time
+        allows the next job. A priority job (it explains a finding) and a :meth:`drain` / :meth:`close` in
+        progress never wait for time; nothing waits once stopping, ``gone()`` or the outbox is empty."""
+        pacer = self._pacer
+        if pacer is None:
+            return
+        while self._outbox and not self._stopping and not gone():
+            if not ready():
+                self._cond.wait(0.5)
+                continue
+            if self._unpaced or self._outbox[0].id in self._priority:
+                return
+            wait = pacer.wait_s()
+            if wait <= 0:
+                return
+            began = time.monotonic()
+            self._cond.wait(min(wait, 1.0))
+            self.paced_s += time.monotonic() - began
+
     # -- thread backend ----------------------------------------------------------------------------
     def _draw_loop(self) -> None:
         """Draw the outbox's jobs in this process until it is empty (then the thread ends)."""
         me = threading.current_thread()
         while True:
             with self._cond:
+                self._wait_turn_locked(lambda: True)
                 job = self._outbox.popleft() if self._outbox and not self._stopping else None
                 if job is None:
                     if self._drawer is me:  # under the lock: a racing submit starts a new thread
@@ -624,7 +686,10 @@ class FigureRenderer:
                     self._local = Drawer(self.dpi, self.bins, self.max_channels, scales=self._scales)
                 drawer = self._local
             job_id = job.id
+            began = time.monotonic()
             result = drawer.run_safely(job)
+            if self._pacer is not None:
+                self._pacer.spent(time.monotonic() - began)
             result.scales = {}  # drawn with self._scales itself
             job = None  # release the snapshots before waiting for the next job
             self._complete(job_id, result)
@@ -682,7 +747,11 @@ class FigureRenderer:
                 with self._cond:
                     while not self._outbox and not self._stopping and self._proc is proc:
                         self._cond.wait()
+                    # paced: one job at a time at the child, each when the drawing's share of time allows it
+                    self._wait_turn_locked(lambda: not self._sent_at, lambda: self._proc is not proc)
                     job = self._outbox.popleft() if self._outbox and self._proc is proc else None
+                    if job is not None and self._pacer is not None:
+                        self._sent_at[job.id] = time.monotonic()
                 if job is None:
                     break
                 write_frame(proc.stdin, job)
@@ -732,6 +801,7 @@ class FigureRenderer:
         with self._cond:
             if self._proc is proc:
                 self._proc = None
+            self._sent_at.clear()
             self._cond.notify_all()  # the sender waits on `self._proc is proc`
             if self._stopping or not self._inflight:
                 return
@@ -751,6 +821,31 @@ class FigureRenderer:
             if crashes >= _MAX_CRASHES and self._active == "process":
                 self._fall_back_locked(f"it died {crashes} times")
             self._cond.notify_all()
+
+
+class _Pacer:
+    """A token bucket of drawing time: the drawing may be busy ``share`` of the wall time on average, with bursts
+    of up to ``burst_s`` seconds (a figure step of a few layers is drawn at once; a long one is spread out)."""
+
+    def __init__(self, share: float, burst_s: float) -> None:
+        self.share, self.burst_s = share, burst_s
+        self.tokens = burst_s
+        self.t = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst_s, self.tokens + self.share * (now - self.t))
+        self.t = now
+
+    def spent(self, busy_s: float) -> None:
+        """The drawing was busy ``busy_s`` seconds."""
+        self._refill()
+        self.tokens -= busy_s
+
+    def wait_s(self) -> float:
+        """Seconds until the next job may start (0: now)."""
+        self._refill()
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.share
 
 
 def _copy_scale(sc: ColorScale) -> ColorScale:

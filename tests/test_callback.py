@@ -38,6 +38,9 @@ from models import Classifier, Mixed, MixinNet, TinyCNN, make_loader, mlp, train
     ({"figures": ("activations", "pie")}, "figures"),
     ({"max_channels": 0}, "max_channels"),
     ({"figure_every_n_steps": 0}, "figure_every_n_steps"),
+    ({"figure_share": 0}, "figure_share"),
+    ({"figure_share": 1.5}, "figure_share"),
+    ({"figure_share": True}, "figure_share"),
 ])
 def test_bad_arguments_fail_in_init(kwargs, match):
     kwargs.setdefault("probes", ["net"])

@@ -70,6 +70,54 @@ def test_exploding_absolute_and_growth():
     assert len([x for x in got if x[0] == "b"]) == 1  # once, while it lasts
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_bulk_exploding_rule_is_the_row_loop(seed, monkeypatch):
+    """The exploding rule over a read's rows all at once (:func:`lit_probe.diagnose._exploding_in_bulk`, the
+    streams without an explosion in the read) gives the very findings and state of the row-by-row rule: 12 reads of
+    50 rows with spikes, growth, NaN, unmeasured rows and GradScaler-skipped steps."""
+    import lit_probe.diagnose as D
+
+    rng = np.random.default_rng(seed)
+
+    def reads():
+        step, prev = 0, np.ones((20, 6))
+        for r in range(12):
+            # a drifting scale, so that which values are in a window decides its median
+            am = np.exp(rng.normal(0, 0.2, size=(50, 6)) + np.linspace(0, 0.6, 50)[:, None] * (r % 2 * 2 - 1))
+            for _ in range(6):  # a value just under (or over) 3x the median of the 20 values before it
+                i, s = int(rng.integers(1, 50)), int(rng.integers(0, 6))
+                am[i, s] = 3.0 * np.median(np.r_[am[:i, s], prev[:, s]][-20:]) * rng.choice([0.999, 1.001], p=[0.9, 0.1])
+            if rng.random() < 0.3:
+                am[rng.integers(0, 50), rng.integers(0, 6)] = 3e6  # over the absolute bound
+            if r == 7:
+                am[20:, 3] *= 50.0  # a lasting explosion, then back
+                am[40:, 3] /= 50.0
+            nan = [(int(rng.integers(0, 50)), int(rng.integers(0, 6)))] if r % 4 == 1 else None
+            scale = np.full((50, 2), 1024.0, np.float32)
+            if r % 3 == 2:
+                scale[10, 1] = 512.0  # the scaler skipped this step
+            host = rows(range(step, step + 50), absmax=am, nonfinite_at=nan, scale=scale)
+            if r % 2:
+                host.calls[rng.random((50, 6)) < 0.05] = 0  # not measured on that row
+            prev = am
+            yield host
+            step += 50
+
+    def run():
+        st, found = Diagnosis(), []
+        for host in reads():
+            st, f = diagnose(host, state=st, growth_window=20, exploding_growth=3.0)
+            found += f
+        return st.state_dict(), [(x.step, x.layer, x.signal, x.kind, x.value, x.threshold, x.message) for x in found]
+
+    bulk = run()
+    rng = np.random.default_rng(seed)
+    monkeypatch.setattr(D, "_exploding_in_bulk", lambda *a, **k: set())
+    rows_only = run()
+    assert bulk == rows_only
+    assert sum(k == "exploding" for _, _, _, k, *_ in bulk[1]) >= 10
+
+
 def test_growth_needs_history():
     am = np.ones((3, 6))
     am[1, 0] = 5000.0

@@ -162,6 +162,64 @@ def test_submit_is_cheap_while_the_child_draws():
     assert len(sink.calls) == 9
 
 
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_a_paced_renderer_draws_its_share_while_training_and_the_rest_at_full_speed_on_drain(backend):
+    sink = Sink()
+    r = FigureRenderer([sink], figures=("activations", "histograms"), max_queue=64, backend=backend, share=0.05,
+                       burst_s=0.3)
+    big = _snap((2, 64, 16, 16))
+    assert r.submit_layer(0, "warm", big, None)  # the child's start and matplotlib's first figure
+    assert r.drain(60)
+    busy0 = time.monotonic()
+    for i in range(12):
+        assert r.submit_layer(1, f"l{i}", big, None)
+    time.sleep(2.0)
+    drawn = len(sink.calls) // 2 - 1
+    # about (burst 0.3 s + 5 % of 2 s) of drawing: a few of the 12 jobs (each ~0.2 s), never all of them
+    assert drawn < 12 and r.paced_s > 0, (drawn, r.paced_s)
+    t0 = time.monotonic()
+    assert r.drain(60)  # whoever waits for the figures gets them at full speed
+    assert len(sink.calls) == 26 and time.monotonic() - t0 < 30
+    assert time.monotonic() - busy0 > 2.0
+    assert r.close(timeout=10) and r.skipped == []
+
+
+def test_a_paced_renderer_never_holds_back_a_priority_job():
+    sink = Sink()
+    r = FigureRenderer([sink], figures=("activations",), max_queue=64, share=0.001, burst_s=0.0)
+    big = _snap((2, 64, 16, 16))
+    assert r.submit_layer(0, "first", big, None)  # drawn at once; then the drawing owes ~100 s of time
+    deadline = time.monotonic() + 60
+    while not sink.calls:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert r.submit_layer(1, "routine", big, None)
+    assert r.submit_layer(1, "cause", big, None, priority=True)
+    deadline = time.monotonic() + 30
+    while len(sink.calls) < 2:
+        assert time.monotonic() < deadline, "a priority job waited for the drawing's share"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert [c[0] for c in sink.calls] == ["first", "cause"]  # the routine job still waits its turn
+    assert r.close(timeout=30)
+    assert [c[0] for c in sink.calls] == ["first", "cause", "routine"]  # close draws it at full speed
+
+
+def test_a_full_queue_of_a_paced_renderer_says_why():
+    sink = Sink()
+    r = FigureRenderer([sink], figures=("activations",), max_queue=2, share=0.001, burst_s=0.0)
+    big = _snap((2, 64, 16, 16))
+    for i in range(3):
+        r.submit_layer(0, f"l{i}", big, None)
+    deadline = time.monotonic() + 30
+    while r.paced_s == 0:  # the second job waits for the drawing's share
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert r.close(timeout=30)
+    assert r.skipped_summary() == ["1 figure of 1 layer at step 0 not drawn: queue full (the drawing is busy at most "
+                                   "0.1% of the time while training runs: figure_share)"]
+
+
 def test_close_bounds_the_wait_cancels_the_rest_and_lists_them():
     sink = Sink()
     r = FigureRenderer([sink], figures=("activations", "gradients", "histograms"), max_queue=40)
