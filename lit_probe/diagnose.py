@@ -481,7 +481,7 @@ def _exploding_in_bulk(st: Diagnosis, d: Derived, streams: Streams, t: Threshold
         hist = np.array([st.absmax[s] for s in whole], np.float64)  # [S, w]
         win = np.lib.stride_tricks.sliding_window_view(np.concatenate([hist, vals], axis=1), w, axis=1)[:, :n]
         med = np.median(win, axis=2)  # [S, n]: the window before each value
-        over = (vals > t.exploding_absmax) | ((med > 0) & (vals > t.exploding_growth * med))
+        over = _crosses(vals, med, t)
         for j, s in enumerate(whole):
             if not over[j].any():
                 st.absmax[s] = np.concatenate([hist[j], vals[j]])[-w:].tolist()
@@ -497,11 +497,16 @@ def _exploding_in_bulk(st: Diagnosis, d: Derived, streams: Streams, t: Threshold
         hist1 = np.asarray(st.absmax[s], np.float64)
         allv = np.concatenate([hist1, v])
         med1 = np.median(np.lib.stride_tricks.sliding_window_view(allv, w)[:len(v)], axis=1)
-        if not ((v > t.exploding_absmax) | ((med1 > 0) & (v > t.exploding_growth * med1))).any():
+        if not _crosses(v, med1, t).any():
             st.absmax[s] = allv[-w:].tolist()
             st.active.discard((s, "exploding"))
             settled.add(s)
     return settled
+
+
+def _crosses(values: np.ndarray, median: np.ndarray, t: Thresholds) -> np.ndarray:
+    """Where :func:`find_exploding`'s two bounds are crossed: the absolute one, or growth over a positive median."""
+    return (values > t.exploding_absmax) | ((median > 0) & (values > t.exploding_growth * median))
 
 
 def _running_median(q: Sequence[float], t: Thresholds) -> float:
