@@ -2,7 +2,9 @@
 =====
 
 :class:`HookRegistry` is the one owner of every hook lit_probe puts on a model. It registers a forward
-hook per probed module and, from inside it, a tensor hook on each output that requires grad; it removes
+hook per probed module and, from inside it, a gradient hook on each output that requires grad (a pre-hook on
+the output's autograd node, :class:`_GradPreHook`; a tensor hook where there is no node or the output is a
+tensor subclass); it removes
 every module handle on :meth:`HookRegistry.remove` (idempotent), which the session calls on every way
 out of a run.
 
@@ -106,6 +108,9 @@ class _ForwardHook:
 
 
 class _GradHook:
+    """A tensor hook on a module output (``Tensor.register_hook``): called with the gradient of the loss with
+    respect to that output."""
+
     __slots__ = ("session", "index")
 
     def __init__(self, session: Observer, index: int) -> None:
@@ -126,11 +131,35 @@ class _GradHook:
         return (_NoopHook, ())
 
 
+class _GradPreHook(_GradHook):
+    """The same observation as :class:`_GradHook`, registered on the output's autograd node instead
+    (``output.grad_fn.register_prehook``): called with the gradients of all of the node's outputs and reads its
+    own (``output_nr``). The node at registration time is the one a tensor hook sits on too (a later in-place
+    op moves the tensor to a new node, the hook stays: the gradient with respect to the module's own output),
+    so the values are the same; registering it costs less (no per-tensor hook dict made in Python). Plain
+    tensors with a ``grad_fn`` only; the rest keep tensor hooks."""
+
+    __slots__ = ("nr",)
+
+    def __init__(self, session: Observer, index: int, nr: int) -> None:
+        super().__init__(session, index)
+        self.nr = nr
+
+    def __call__(self, grads: tuple) -> None:  # type: ignore[override]
+        grad = grads[self.nr] if self.nr < len(grads) else None
+        if grad is not None:
+            _GradHook.__call__(self, grad)
+        return None
+
+
 class HookRegistry:
     """Owns the module hook handles of one session."""
 
     def __init__(self) -> None:
         self.handles: list[RemovableHandle] = []
+        #: tensor hooks on leaf outputs (a module that returns a parameter): a leaf outlives the step, so its hook
+        #: is removed when the next batch begins (:meth:`drop_leaf_hooks`) and on :meth:`remove`
+        self.leaf_handles: list[RemovableHandle] = []
 
     def attach(self, session: Observer, modules: list[tuple[str, nn.Module]]) -> None:
         """Register a forward hook on every module; on any failure, remove what was registered."""
@@ -148,9 +177,19 @@ class HookRegistry:
         handles, self.handles = self.handles, []
         for h in handles:
             h.remove()
+        self.drop_leaf_hooks()
+
+    def drop_leaf_hooks(self) -> None:
+        """Remove the gradient hooks put on leaf outputs during the last batch."""
+        handles, self.leaf_handles = self.leaf_handles, []
+        for h in handles:
+            h.remove()
 
     def grad_hook(self, session: Observer, index: int) -> _GradHook:
         return _GradHook(session, index)
+
+    def grad_prehook(self, session: Observer, index: int, nr: int) -> _GradPreHook:
+        return _GradPreHook(session, index, nr)
 
 
 def warn_once(cache: set, key: Any, message: str, category: type[Warning] = UserWarning) -> None:

@@ -171,9 +171,10 @@ class ProbeSession:
         self._calls = [0] * n  # calls of each module in the current batch
         self._recalls = [0] * n  # ... and in its recomputation (activation checkpointing)
         self._grad_hooks_this_step = [0] * n
-        self._grad_hook_of: dict[int, Any] = {}  # slot -> its tensor hook (one object per stream, reused every step)
-        # per (module, call) (key module * max_calls + call): [activation slot, gradient slot, its hook, units
-        # watched, ndim, unit dim of that ndim]; made at a stream's first call
+        # (slot, output index or None) -> its gradient hook (one object per stream, reused every step)
+        self._grad_hook_of: dict[tuple[int, int | None], Any] = {}
+        # per (module, call) (key module * max_calls + call): [activation slot, gradient slot, its node pre-hook
+        # for output 0, units watched, ndim, unit dim of that ndim]; made at a stream's first call
         self._entries: dict[int, list] = {}
         self._warned: set = set()
         self._peeked: Any = None
@@ -272,6 +273,8 @@ class ProbeSession:
         n = len(self._calls)
         self._calls = [0] * n
         self._recalls = [0] * n
+        if self.registry.leaf_handles:
+            self.registry.drop_leaf_hooks()
         if step != self.step:
             self._grad_hooks_this_step = [0] * n
             if self._record:
@@ -455,17 +458,33 @@ class ProbeSession:
                 if recompute and self._grad_hooks_this_step[i] > 0:
                     pass  # the original forward's output already carries our hook
                 else:
-                    hook = entry[2]
-                    if hook is None:  # the gradient stream is made when a gradient first can flow
-                        slot = entry[1] = self._slot(i, call, SIGNAL_GRAD)
-                        hook = self._grad_hook_of.get(slot)
+                    if entry[1] < 0:  # the gradient stream is made when a gradient first can flow
+                        entry[1] = self._slot(i, call, SIGNAL_GRAD)
+                    node = t.grad_fn
+                    if node is not None and type(t) is torch.Tensor:  # a pre-hook on its node (half the cost)
+                        nr = t.output_nr
+                        hook = entry[2] if nr == 0 else None
                         if hook is None:
-                            hook = self._grad_hook_of[slot] = self.registry.grad_hook(self, slot)
-                        entry[2] = hook
-                    t.register_hook(hook)
+                            hook = self._grad_hook(entry[1], nr)
+                            if nr == 0:
+                                entry[2] = hook
+                        node.register_prehook(hook)
+                    else:  # a leaf, a tensor subclass (DTensor, ...): a tensor hook
+                        handle = t.register_hook(self._grad_hook(entry[1], None))
+                        if node is None:  # a leaf (a returned parameter) keeps it: removed at the next batch
+                            self.registry.leaf_handles.append(handle)
                     if not recompute:
                         self._grad_hooks_this_step[i] += 1
             first = False
+
+    def _grad_hook(self, slot: int, nr: int | None) -> Any:
+        """The gradient hook of ``slot`` (one object per stream and output index, reused every step): a node
+        pre-hook reading output ``nr``, or a tensor hook (``nr=None``)."""
+        hook = self._grad_hook_of.get((slot, nr))
+        if hook is None:
+            hook = self._grad_hook_of[(slot, nr)] = self.registry.grad_hook(self, slot) if nr is None else \
+                self.registry.grad_prehook(self, slot, nr)
+        return hook
 
     @torch.compiler.disable
     def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
