@@ -461,7 +461,7 @@ class ProbeSession:
                     if entry[1] < 0:  # the gradient stream is made when a gradient first can flow
                         entry[1] = self._slot(i, call, SIGNAL_GRAD)
                     node = t.grad_fn
-                    if node is not None and type(t) is torch.Tensor:  # a pre-hook on its node (half the cost)
+                    if node is not None and type(t) is torch.Tensor:  # a pre-hook on its node (cheaper to register)
                         nr = t.output_nr
                         hook = entry[2] if nr == 0 else None
                         if hook is None:
