@@ -13,6 +13,7 @@ detector's docstring says what it requires of the statistics.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -245,6 +246,11 @@ class Streams:
     signals: Sequence[str]
     dead_judged: Sequence[bool]
 
+    @functools.cached_property
+    def gradient(self) -> np.ndarray:
+        """Per slot: whether it is a gradient stream (a mask, for the detectors' vectorised selections)."""
+        return np.array([s == "gradient" for s in self.signals], dtype=bool)
+
     def emit(self, slot: int, kind: str, step: int, value: float, threshold: float, message: str, stat: str,
              extra: dict | None = None) -> Finding:
         return Finding(step=int(step), layer=self.names[slot], signal=self.signals[slot], kind=kind,
@@ -320,6 +326,8 @@ def diagnose(state: Diagnosis, d: Derived, units: Mapping[int, np.ndarray] | Non
     if units and len(d):
         st, f = find_dead(st, int(d.steps[-1]), units, first_seen or {}, streams, t, unit_steps)
         out += _attach_blocked(f, _blocked(d, streams, params), d, streams) if f else []
+    if not out:
+        return st, out
     position = {}  # (step, stream, signal) -> place in that step's execution order
     for i in range(len(d)):
         for k, slot in enumerate(d.order[i] if i < len(d.order) else []):
@@ -381,7 +389,13 @@ def _with_blocked(f: Finding, mine: list[str], step: int) -> Finding:
 
 
 def _skipped(d: Derived, i: int) -> bool:
-    return bool(np.nanmax(d.get("skipped")[i], initial=0) == 1)
+    """Whether GradScaler skipped row ``i``'s optimizer step (worked out for every row at once, once)."""
+    rows = d.memo.get("skipped")
+    if rows is None:
+        with np.errstate(invalid="ignore"):
+            rows = d.memo["skipped"] = np.nanmax(d.get("skipped"), axis=1, initial=0) == 1 if len(d) \
+                else np.zeros(0, bool)
+    return bool(rows[i])
 
 
 def find_nonfinite(st: Diagnosis, d: Derived, i: int, streams: Streams) -> tuple[Diagnosis, list[Finding]]:
@@ -567,8 +581,11 @@ def find_vanishing(st: Diagnosis, d: Derived, i: int, streams: Streams, t: Thres
     step = int(d.steps[i])
     if _skipped(d, i):
         return st, []
-    order = [s for s in (d.order[i] if i < len(d.order) else []) if streams.signals[s] == "gradient"
-             and np.isfinite(l2[s])]
+    row = d.order[i] if i < len(d.order) else []
+    if not len(row):
+        return st, []
+    row = np.asarray(row, dtype=np.int64)  # the step's slots in execution order: its gradients' measured L2
+    order = row[streams.gradient[row] & np.isfinite(l2[row])].tolist()
     if not order:
         return st, []
     ref = reference.get(step) if reference else None

@@ -39,6 +39,7 @@ class Derived:
         self.order = order
         self.params = params
         self.params_measured = params_measured  # [n, modules, len(PARAM_STATS)] where each was measured
+        self.memo: dict[str, np.ndarray] = {}  # what the detectors work out of the whole block once (read-only)
 
     def get(self, stat: str) -> np.ndarray:
         return self.values[:, :, _I[stat]]
@@ -113,9 +114,12 @@ def nonfinite_flags(d: Derived) -> np.ndarray:
     """``[n, slots]`` True where a slot saw NaN or Inf at that step (exact, measured every step, judged by the
     elements' min and max, never by a sum or a norm that may overflow). A NaN element makes both NaN, +inf the
     max, -inf the min; a NaN min beside a finite max is a min that was not measured."""
-    mn, mx, calls = d.get("min"), d.get("max"), d.get("calls")
-    with np.errstate(invalid="ignore"):
-        return (calls > 0) & (~np.isfinite(mx) | np.isinf(mn))
+    flags = d.memo.get("nonfinite")
+    if flags is None:
+        mn, mx, calls = d.get("min"), d.get("max"), d.get("calls")
+        with np.errstate(invalid="ignore"):
+            flags = d.memo["nonfinite"] = (calls > 0) & (~np.isfinite(mx) | np.isinf(mn))
+    return flags
 
 
 class History:

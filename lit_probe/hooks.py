@@ -35,14 +35,30 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 
+try:  # which frame evaluator is installed: None unless torch.compile'd code is running (TorchDynamo)
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _frame_callback
+except Exception:  # pragma: no cover - torch without dynamo: always take the wrapped entry
+    def _frame_callback() -> Any:
+        return True
+
+_is_compiling = torch.compiler.is_compiling
+
+
 class Observer(Protocol):
-    """What the hooks report to (a :class:`~lit_probe.session.ProbeSession`): hooks sit below the session."""
+    """What the hooks report to (a :class:`~lit_probe.session.ProbeSession`): hooks sit below the session.
+    ``_on_*`` are the entries wrapped in ``torch.compiler.disable`` (never traced); ``_observe_*`` the same
+    bodies unwrapped, which a hook calls when no TorchDynamo frame evaluator is installed (plain eager code:
+    nothing could trace them, and the wrapper's cost, a few us per call, is saved)."""
 
     collecting: bool
 
     def _on_output(self, index: int, output: Any) -> None: ...
 
     def _on_grad(self, slot: int, grad: torch.Tensor) -> None: ...
+
+    def _observe_output(self, index: int, output: Any) -> None: ...
+
+    def _observe_grad(self, slot: int, grad: torch.Tensor) -> None: ...
 
     def _hook_failed(self, index: int, where: str, err: BaseException) -> None: ...
 
@@ -97,7 +113,12 @@ class _ForwardHook:
         if not s.collecting or self.failed:
             return None
         try:
-            s._on_output(self.index, output)
+            # is_compiling first: while TorchDynamo traces this hook it is constant True (the wrapped entry,
+            # a graph break); in eager code, the frame evaluator says whether compiled code is running
+            if not _is_compiling() and _frame_callback() is None:
+                s._observe_output(self.index, output)
+            else:
+                s._on_output(self.index, output)
         except Exception as err:  # never break the user's training
             self.failed = True
             s._hook_failed(self.index, "forward", err)
@@ -122,7 +143,10 @@ class _GradHook:
         if not s.collecting:
             return None
         try:
-            s._on_grad(self.index, grad)
+            if not _is_compiling() and _frame_callback() is None:
+                s._observe_grad(self.index, grad)
+            else:
+                s._on_grad(self.index, grad)
         except Exception as err:
             s._hook_failed(self.index, "gradient", err)
         return None
@@ -146,7 +170,11 @@ class _GradPreHook(_GradHook):
         self.nr = nr
 
     def __call__(self, grads: tuple) -> None:  # type: ignore[override]
-        grad = grads[self.nr] if self.nr < len(grads) else None
+        s = self.session
+        if not s.collecting:
+            return None
+        nr = self.nr
+        grad = grads[nr] if nr < len(grads) else None
         if grad is not None:
             _GradHook.__call__(self, grad)
         return None

@@ -45,12 +45,14 @@ SIGNAL_ACT = ACTIVATION
 SIGNAL_GRAD = GRADIENT
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (activation checkpointing recomputes forwards there)."""
-    try:
-        return torch._C._current_graph_task_id() != -1
-    except Exception:  # pragma: no cover - older torch
-        return False
+def _no_graph_task() -> int:  # pragma: no cover - older torch
+    return -1
+
+
+#: the autograd graph task running now, -1 outside a backward pass (activation checkpointing recomputes forwards
+#: inside one)
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", _no_graph_task)
+_set_grad_enabled = torch._C._set_grad_enabled
 
 
 @dataclass
@@ -412,12 +414,11 @@ class ProbeSession:
             self.params.request_histograms()
 
     # ------------------------------------------------------------------ hot path (called by hooks)
-    @torch.compiler.disable  # under torch.compile: run eagerly, never traced (no recompiles of probe code)
-    def _on_output(self, i: int, output: Any) -> None:
+    def _observe_output(self, i: int, output: Any) -> None:
+        """The forward hook's body (:attr:`_on_output` is the same, never traced by TorchDynamo)."""
         if i in self.disabled:
             return
-        self.fired[i] = True
-        recompute = _in_backward()  # activation checkpointing re-runs forward inside backward
+        recompute = _graph_task_id() != -1  # activation checkpointing re-runs forward inside backward
         # a recomputed forward (checkpointing) re-runs the calls in their order: its k-th call is the k-th call
         counter = self._recalls if recompute else self._calls
         call = counter[i]
@@ -425,13 +426,53 @@ class ProbeSession:
         if call >= self.max_calls:
             call = self.max_calls - 1
         # what the hook needs of this (module, call), looked up once per stream (a few us per tensor saved)
-        key = i * self.max_calls + call
-        entry = self._entries.get(key)
+        entry = self._entries.get(i * self.max_calls + call)
         if entry is None:
-            act = self._slot(i, call, SIGNAL_ACT) if self.want_act else -1
-            entry = self._entries[key] = [act, -1, None, act >= 0 and self.dead_judged[act], -1, None]
+            entry = self._entry(i, call)
+        if type(output) is torch.Tensor and not recompute:  # the common case: one plain tensor, in one call
+            if not output.is_floating_point() or output.numel() == 0:
+                return
+            needs_grad = output.requires_grad
+            grad_mode = torch.is_grad_enabled()
+            act = entry[0]
+            if act >= 0:
+                ndim = output.dim()
+                if entry[4] != ndim:  # the unit axis of this rank (cached per stream)
+                    entry[4], entry[5] = ndim, unit_dim(self.layouts[i], ndim)
+                # the reductions and copies record no graph: grad mode off around them (thread-local, no
+                # dispatch) costs less than a detached view (a tensor made per call)
+                off = needs_grad and grad_mode
+                if off:
+                    _set_grad_enabled(False)
+                try:
+                    self.buffer.observe(act, output, self.full, entry[5], entry[3])
+                    if self.capture is not None and act not in self.capture:
+                        self._capture(act, i, output)
+                    if self.recent is not None and act not in self.recent:
+                        self.recent[act] = self._ring.keep(act, output, self.layouts[i])  # type: ignore[union-attr]
+                finally:
+                    if off:
+                        _set_grad_enabled(True)
+            if needs_grad and grad_mode and self.want_grad:
+                self._hook_grad(i, call, entry, output, False)
+            return
+        self._observe_outputs(i, call, entry, output, recompute)
+
+    _on_output = torch.compiler.disable(_observe_output)  # under torch.compile: run eagerly, never traced
+
+    def _entry(self, i: int, call: int) -> list:
+        """A stream's entry, made at its first call: [activation slot, gradient slot, its node pre-hook for
+        output 0, units watched, ndim, unit dim of that ndim]."""
+        self.fired[i] = True
+        act = self._slot(i, call, SIGNAL_ACT) if self.want_act else -1
+        entry = self._entries[i * self.max_calls + call] = [act, -1, None, act >= 0 and self.dead_judged[act], -1,
+                                                            None]
+        return entry
+
+    def _observe_outputs(self, i: int, call: int, entry: list, output: Any, recompute: bool) -> None:
+        """Any output (tensors in containers, subclasses) and recomputed forwards: the first floating-point
+        tensor is the stream's activation; every tensor that requires grad gets a gradient hook."""
         act = entry[0]
-        # the common case, one tensor, without the generator that walks containers
         tensors = ((output,) if output.is_floating_point() and output.numel() > 0 else ()) \
             if isinstance(output, torch.Tensor) else iter_tensors(output)
         first = True
@@ -442,12 +483,12 @@ class ProbeSession:
             if act >= 0 and not recompute:
                 if first:
                     ndim = t.dim()
-                    if entry[4] != ndim:  # the unit axis of this rank (cached per stream)
+                    if entry[4] != ndim:
                         entry[4], entry[5] = ndim, unit_dim(self.layouts[i], ndim)
                     cdim = entry[5]
                 else:
                     cdim = None
-                d = t.detach() if needs_grad else t  # one detached view for the reductions and the copies
+                d = t.detach() if needs_grad else t
                 # the streams judged for dead units have their units measured on every step (one reduction)
                 self.buffer.observe(act, d, full, cdim, entry[3])
                 if first and self.capture is not None and act not in self.capture:
@@ -458,24 +499,29 @@ class ProbeSession:
                 if recompute and self._grad_hooks_this_step[i] > 0:
                     pass  # the original forward's output already carries our hook
                 else:
-                    if entry[1] < 0:  # the gradient stream is made when a gradient first can flow
-                        entry[1] = self._slot(i, call, SIGNAL_GRAD)
-                    node = t.grad_fn
-                    if node is not None and type(t) is torch.Tensor:  # a pre-hook on its node (cheaper to register)
-                        nr = t.output_nr
-                        hook = entry[2] if nr == 0 else None
-                        if hook is None:
-                            hook = self._grad_hook(entry[1], nr)
-                            if nr == 0:
-                                entry[2] = hook
-                        node.register_prehook(hook)
-                    else:  # a leaf, a tensor subclass (DTensor, ...): a tensor hook
-                        handle = t.register_hook(self._grad_hook(entry[1], None))
-                        if node is None:  # a leaf (a returned parameter) keeps it: removed at the next batch
-                            self.registry.leaf_handles.append(handle)
-                    if not recompute:
-                        self._grad_hooks_this_step[i] += 1
+                    self._hook_grad(i, call, entry, t, recompute)
             first = False
+
+    def _hook_grad(self, i: int, call: int, entry: list, t: torch.Tensor, recompute: bool) -> None:
+        """Put the stream's gradient hook on output ``t``: a pre-hook on its autograd node (cheaper to register),
+        a tensor hook on a leaf (a returned parameter: removed at the next batch) or a tensor subclass."""
+        if entry[1] < 0:  # the gradient stream is made when a gradient first can flow
+            entry[1] = self._slot(i, call, SIGNAL_GRAD)
+        node = t.grad_fn
+        if node is not None and type(t) is torch.Tensor:
+            nr = t.output_nr
+            hook = entry[2] if nr == 0 else None
+            if hook is None:
+                hook = self._grad_hook(entry[1], nr)
+                if nr == 0:
+                    entry[2] = hook
+            node.register_prehook(hook)
+        else:
+            handle = t.register_hook(self._grad_hook(entry[1], None))
+            if node is None:
+                self.registry.leaf_handles.append(handle)
+        if not recompute:
+            self._grad_hooks_this_step[i] += 1
 
     def _grad_hook(self, slot: int, nr: int | None) -> Any:
         """The gradient hook of ``slot`` (one object per stream and output index, reused every step): a node
@@ -486,18 +532,21 @@ class ProbeSession:
                 self.registry.grad_prehook(self, slot, nr)
         return hook
 
-    @torch.compiler.disable
-    def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
+    def _observe_grad(self, slot: int, grad: torch.Tensor) -> None:
+        """The gradient hook's body (:attr:`_on_grad` is the same, never traced by TorchDynamo)."""
         i = self.slot_module[slot]
         if i in self.disabled or grad is None:
             return
         # backward runs without grad mode (no graph is recorded): a detach only under create_graph=True
-        self.buffer.observe(slot, grad.detach() if grad.requires_grad else grad, self.full, None)
+        if grad.requires_grad:
+            grad = grad.detach()
+        self.buffer.observe(slot, grad, self.full, None)
         if self.capture is not None and slot not in self.capture:
             self._capture(slot, i, grad)
         if self.recent is not None and slot not in self.recent:
-            self.recent[slot] = self._ring.keep(slot, grad.detach() if grad.requires_grad else grad,  # type: ignore[union-attr]
-                                                self.layouts[i])
+            self.recent[slot] = self._ring.keep(slot, grad, self.layouts[i])  # type: ignore[union-attr]
+
+    _on_grad = torch.compiler.disable(_observe_grad)
 
     def _capture(self, slot: int, i: int, t: torch.Tensor) -> None:
         assert self.capture is not None
@@ -551,9 +600,12 @@ class ProbeSession:
             new = self._name_ranks(new, host, ranks)
         self.findings.extend(new)
         self.units = units
+        seen = self._seen_order
         for row in d.order:  # forward order for activations, then backward order for gradients
+            if seen.keys() >= set(row):
+                continue  # nothing new in this row (the common case: one set operation, not a loop)
             for slot in row:
-                self._seen_order.setdefault(int(slot), len(self._seen_order))
+                seen.setdefault(int(slot), len(seen))
         self._alarm_bounds = alarm_bounds(self.diagnosis, self.thresholds, len(self.slot_names))
         step = int(host.steps[-1])
         for slot, frac in self.diagnosis.dead_latest.items():

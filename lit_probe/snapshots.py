@@ -113,7 +113,7 @@ class RecentParts:
         self.channels = max(1, int(channels))
         self.pos = 0
         # slot -> [shape, dtype, device, index (None: the whole tensor; False: not drawable), ring of buffers, the
-        # part's size]
+        # part's size, the samples one narrow_copy takes (0: not that case)]
         self._plans: dict[int, list] = {}
 
     def advance(self) -> None:
@@ -129,8 +129,15 @@ class RecentParts:
             size = tuple(min(n, i.stop) if isinstance(i, slice) and i.stop is not None else n
                          for n, i in zip(shape, index + (slice(None),) * (len(shape) - len(index)))) \
                 if isinstance(index, tuple) else None
-            plan = self._plans[slot] = [shape, t.dtype, t.device, index, [None] * self.DEPTH, size]
+            # the first samples only, on the CPU: one kernel (narrow_copy into the ring buffer)
+            head = index[0].stop if isinstance(index, tuple) and len(index) == 1 and t.device.type == "cpu" else 0
+            plan = self._plans[slot] = [shape, t.dtype, t.device, index, [None] * self.DEPTH, size, head]
         index = plan[3]
+        if plan[6] and type(t) is torch.Tensor:
+            buf = plan[4][self.pos]
+            if buf is not None:
+                torch.narrow_copy(t, 0, 0, plan[6], out=buf)
+                return buf, shape
         if index is False:
             return None, shape
         if isinstance(index, str):  # a 1-D tensor: one sample of its first units

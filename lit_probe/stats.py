@@ -141,6 +141,8 @@ class StatBuffer:
         self._sent_units: list[int] = []  # watched slots whose sentinel this step is their ring row (commit)
         self._unit_index: dict[tuple, torch.Tensor] = {}
         self._udims: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._wplans: dict[int, list] = {}  # slot -> its _watch_plan (shape, dtype, ring views, kernels)
+        self._umark: tuple[int, int] | None = None  # (_ucycle, _ur) of the current unit ring row
         self.minless = np.zeros((self.rows, slots), dtype=bool)
         self.unit_steps: dict[int, list[int]] = {}
         #: measured steps kept per unit slot (the session sets it to cover its dead window and ring)
@@ -232,6 +234,7 @@ class StatBuffer:
         if self._upos >= UNIT_ROWS:
             self._fold_units(reset=True)
         self._ur = self._upos
+        self._umark = (self._ucycle, self._ur)  # what _uwrote holds for a slot written in this row
         self._upos += 1
         assert self._ustep is not None
         self._ustep[self._ur].fill_(float(self.step))
@@ -272,13 +275,14 @@ class StatBuffer:
     def commit(self) -> None:
         """Fold the step's pending min/max values into the current row (a few kernels, no host sync), and the
         host bookkeeping of its calls."""
-        if self._tally:
+        if self._tally:  # one assignment per column for every slot (not four numpy item writes per slot)
             r = self.row
-            for slot, (calls, numel, full, counted) in self._tally.items():
-                self.calls[r, slot] = calls
-                self.numel[r, slot] = numel
-                self.full[r, slot] = full
-                self.counted[r, slot] = counted
+            slots = np.fromiter(self._tally.keys(), dtype=np.int64, count=len(self._tally))
+            tally = np.array(list(self._tally.values()), dtype=np.int64)
+            self.calls[r, slots] = tally[:, 0]
+            self.numel[r, slots] = tally[:, 1]
+            self.full[r, slots] = tally[:, 2]
+            self.counted[r, slots] = tally[:, 3]
         if self._buf is None:
             self._sent_min, self._sent_max, self._sent_slot, self._sent_units = [], [], [], []
             self._fast_slot = []
@@ -411,7 +415,7 @@ class StatBuffer:
         # min/max are exact in the tensor's own dtype (bf16/fp16 are never copied to float32 in full); the 0-d
         # results wait in a list and go into the ring in one scatter per step (commit): one kernel per tensor
         k = len(self._fast_slot)
-        if k < len(self._sviews) and t.dtype == torch.float32 and not t.requires_grad:
+        if k < len(self._sviews) and t.dtype == torch.float32 and not (t.requires_grad and torch.is_grad_enabled()):
             mn, mx = views = self._sviews[k]
             torch.aminmax(t, out=views)
             self._fast_slot.append(slot)
@@ -464,6 +468,7 @@ class StatBuffer:
             self.last_fired.pop(slot, None)
             self._uring.pop(slot, None)
             self._uviews.pop(slot, None)
+            self._wplans.pop(slot, None)
             self.unit_steps.pop(slot, None)
             return None
         return last
@@ -479,10 +484,60 @@ class StatBuffer:
         """Per-unit maximum of ``t`` into the slot's ring row of this step: ONE reduction (``amax(out=)``) for the
         first call of a step. Returns whether that was the sentinel too (``sentinel``, first call: nothing else
         to do for ``t``); the caller takes min/max otherwise."""
+        views = self._uviews.get(slot)
+        plan = self._wplans.get(slot)
+        if plan is None or plan[2] is not views or plan[0] != t.shape or plan[1] is not t.dtype:
+            plan = self._watch_plan(slot, t, cdim)
+            if plan is None:
+                return False
+            views = plan[2]
+        if self._ur < 0:
+            self._next_unit_row()
+        view = views[self._ur]  # type: ignore[index]
+        mark = self._umark
+        first = self._uwrote.get(slot) != mark
+        if first and plan[3]:
+            mode = plan[4]
+            if mode == 1:
+                torch.amax(t, plan[5], out=view)
+            elif mode == 2:
+                # NCHW with a small H x W on the CPU: the strided reduction over (0, 2, 3) is 4-7x slower than
+                # the batch first (contiguous slabs), then the few positions (same values, NaN kept)
+                torch.amax(torch.amax(t, 0), plan[6], out=view)
+            else:
+                view.copy_(t)
+        else:
+            dims = plan[5]
+            per_unit = torch.amax(t, dims) if dims else t
+            if first:
+                view.copy_(per_unit)
+            else:  # another call in the same step: the maximum of both (NaN propagates: "not known")
+                torch.maximum(view, per_unit.to(view.dtype), out=view)
+        if not first:
+            return sentinel and bool(self.minless[self.row, slot])
+        self._uwrote[slot] = mark
+        steps = self.unit_steps.get(slot)  # the steps this slot's units were measured on
+        if steps is None:
+            steps = self.unit_steps[slot] = []
+        if not steps or steps[-1] != self.step:
+            steps.append(self.step)
+            if len(steps) > 2 * self.unit_steps_kept:
+                del steps[:-self.unit_steps_kept]
+        if sentinel and not self.minless[self.row, slot]:  # its min/max come from the ring row (commit)
+            self.minless[self.row, slot] = True
+            self._sent_units.append(slot)
+        return sentinel
+
+    def _watch_plan(self, slot: int, t: torch.Tensor, cdim: int) -> list | None:
+        """What :meth:`_watch_units` needs of a slot's tensors of one shape and dtype, worked out once (its unit
+        ring made if needed): ``[shape, dtype, ring views, same dtype as the ring, mode (0 copy, 1 one amax, 2 the
+        batch first), reduced dims, the dims of mode 2's second amax]``; ``None`` when the slot's unit count
+        changed (no per-unit tracking for it from then on)."""
         units = t.shape[cdim] if t.dim() else 1
         last = self.last_fired.get(slot)
         if (last is None or last.numel() != units) and self._unit_start(slot, units) is None:
-            return False
+            self._wplans.pop(slot, None)
+            return None
         views = self._uviews.get(slot)
         if views is None or views[0].numel() != units:
             with torch.inference_mode(False):
@@ -491,39 +546,17 @@ class StatBuffer:
                 views = self._uviews[slot] = list(ring.unbind(0))
                 if self._ustep is None:
                     self._ustep = torch.full((UNIT_ROWS, 1), math.nan, dtype=torch.float32, device=self.device)
-        if self._ur < 0:
-            self._next_unit_row()
-        view = views[self._ur]
-        mark = (self._ucycle, self._ur)
-        first = self._uwrote.get(slot) != mark
         key = (t.dim(), cdim)
         dims = self._udims.get(key)
         if dims is None:
             dims = self._udims[key] = tuple(d for d in range(t.dim()) if d != cdim)
-        if first and t.dtype == view.dtype:
-            if dims:
-                if cdim == 1 and t.dim() >= 3 and t.is_cpu and 1 < t.numel() // (t.shape[0] * t.shape[1]) < 64:
-                    # NCHW with a small H x W on the CPU: the strided reduction over (0, 2, 3) is 4-7x slower than
-                    # the batch first (contiguous slabs), then the few positions (same values, NaN kept)
-                    torch.amax(torch.amax(t, 0), dims[1:] and tuple(d - 1 for d in dims[1:]), out=view)
-                else:
-                    torch.amax(t, dims, out=view)
-            else:
-                view.copy_(t)
-        else:
-            per_unit = torch.amax(t, dims) if dims else t
-            if first:
-                view.copy_(per_unit)
-            else:  # another call in the same step: the maximum of both (NaN propagates: "not known")
-                torch.maximum(view, per_unit.to(view.dtype), out=view)
-        if first:
-            self._uwrote[slot] = mark
-            self._measured_units(slot)
-        use = sentinel and (first or self.minless[self.row, slot])
-        if use and not self.minless[self.row, slot]:
-            self.minless[self.row, slot] = True
-            self._sent_units.append(slot)
-        return use
+        mode = 0
+        if dims:
+            mode = 2 if cdim == 1 and t.dim() >= 3 and t.is_cpu and \
+                1 < t.numel() // max(1, t.shape[0] * t.shape[1]) < 64 else 1
+        plan = self._wplans[slot] = [t.shape, t.dtype, views, t.dtype == views[0].dtype, mode, dims,
+                                     tuple(d - 1 for d in dims[1:])]
+        return plan
 
     def _track_units(self, slot: int, t: torch.Tensor, cdim: int) -> None:
         """Full steps of a stream not watched every step: the per-unit maximum updates the last-fired steps."""
@@ -641,6 +674,7 @@ class StatBuffer:
         self.device = None
         self.last_fired = {}
         self._uring, self._uviews, self._ustep, self._uwrote, self._unit_index = {}, {}, None, {}, {}
+        self._wplans, self._umark = {}, None
         self._upos, self._ur, self._sent_units = 0, -1, []
         self._pending = []
         self.step = -1
@@ -660,6 +694,7 @@ class StatBuffer:
         dev = device or self.device or torch.device("cpu")
         self.last_fired = {int(s): torch.tensor(v, dtype=torch.float32, device=dev)
                            for s, v in state.get("last_fired", {}).items()}
+        self._wplans = {}  # the plans assumed the windows they were made with
         self.first_seen = {int(s): int(v) for s, v in state.get("first_seen", {}).items()}
         self.unit_steps = {int(s): [int(x) for x in v] for s, v in state.get("unit_steps", {}).items()}
         for s in self.last_fired:

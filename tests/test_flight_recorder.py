@@ -169,3 +169,31 @@ def test_device_part_is_what_the_figure_shows_and_owns_its_memory(shape, layout)
         x.mul_(0)  # an in-place op after the hook (ReLU(inplace=True)) does not reach the copy
     np.testing.assert_array_equal(snapshot_tensor(part, 1, 64, layout=layout), want)
     assert device_part(torch.ones(3, dtype=torch.int64), 1, 64) is None and device_part(torch.tensor(1.0), 1, 64) is None
+
+
+@pytest.mark.parametrize("shape,layout", [((5, 100), "auto"), ((6, 8), "auto"), ((3, 70, 4, 4), "auto"),
+                                          ((4, 3, 4, 4), "auto"), ((2, 7, 90), "channels_last")])
+def test_the_recorders_ring_keeps_each_steps_part_in_its_own_buffer(shape, layout):
+    """RecentParts.keep over more steps than its ring: every step's part is what the figure shows of that step's
+    tensor (the oracle: snapshot_tensor), a later in-place op does not reach it, and a part stays as it was until
+    its buffer comes round again (the first samples alone, on the CPU, take one narrow_copy into the buffer;
+    other parts a strided copy)."""
+    from lit_probe.snapshots import RecentParts, snapshot_tensor
+
+    ring = RecentParts(1, 64)
+    torch.manual_seed(0)
+    kept, want = [], []
+    for step in range(2 * RecentParts.DEPTH + 1):
+        ring.advance()
+        x = torch.randn(*shape, requires_grad=True)
+        if step % 2:  # a non-contiguous tensor of the same shape (a transposed view), the same plan
+            x = torch.randn(*reversed(shape)).permute(*reversed(range(len(shape)))).requires_grad_()
+        with torch.no_grad():
+            part, seen = ring.keep(0, x.detach(), layout)
+        assert seen == x.shape and part is not None and not part.requires_grad
+        want.append(snapshot_tensor(x, 1, 64, layout=layout))
+        with torch.no_grad():
+            x.mul_(0)  # an in-place op after the hook
+        kept.append(part)
+        for back in range(min(RecentParts.DEPTH, len(kept))):  # the parts still in the ring are intact
+            np.testing.assert_array_equal(snapshot_tensor(kept[-1 - back], 1, 64, layout=layout), want[-1 - back])
