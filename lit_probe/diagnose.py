@@ -310,12 +310,14 @@ def diagnose(state: Diagnosis, d: Derived, units: Mapping[int, np.ndarray] | Non
     streams = Streams(names, signals, dead_judged)
     out: list[Finding] = []
     settled = _exploding_in_bulk(st, d, streams, t)  # the streams no row of this read makes explode, all at once
+    mask = np.zeros(d.values.shape[1] if len(d) else 0, bool)
+    mask[[s for s in settled if s < len(mask)]] = True
     for i in range(len(d)):
         if _skipped(d, i):
             st.skipped_steps.append(int(d.steps[i]))
         st, f = find_nonfinite(st, d, i, streams)
         out += f
-        st, f = find_exploding(st, d, i, streams, t, settled)
+        st, f = find_exploding(st, d, i, streams, t, mask)
         out += f
         st, f = find_vanishing(st, d, i, streams, t, params, grad_reference)
         out += f
@@ -402,6 +404,9 @@ def find_nonfinite(st: Diagnosis, d: Derived, i: int, streams: Streams) -> tuple
     """NaN/Inf: the FIRST stream where they appeared (forward order for activations, backward order for
     gradients), at the exact step. Requires: min, max (measured every step)."""
     flags = nonfinite_flags(d)[i]
+    if not flags.any():  # the common row: nothing non-finite, no stream left in the state's "active" either
+        st.nonfinite_active["activation"] = st.nonfinite_active["gradient"] = False
+        return st, []
     skipped = _skipped(d, i)
     out = []
     for signal in ("activation", "gradient"):
@@ -437,7 +442,9 @@ def find_exploding(st: Diagnosis, d: Derived, i: int, streams: Streams,
     skipped = _skipped(d, i)
     out = []
     todo = (calls > 0) & np.isfinite(absmax)
-    if settled:
+    if isinstance(settled, np.ndarray):  # a mask over the slots (diagnose: made once per read)
+        todo[:len(settled)] &= ~settled[:len(todo)]
+    elif settled:
         todo[[s for s in settled if s < len(todo)]] = False
     for s in np.flatnonzero(todo):
         a = float(absmax[s])
@@ -577,6 +584,11 @@ def find_vanishing(st: Diagnosis, d: Derived, i: int, streams: Streams, t: Thres
     below them) and what judges a single probed layer. Exact zeros (a stream envelope of 0) are blocked, not
     vanishing: the dead detector's case.
     """
+    measured = d.memo.get("l2_rows")  # the rows with any L2 measured (full steps), worked out once per read
+    if measured is None:
+        measured = d.memo["l2_rows"] = np.isfinite(d.get("l2")).any(axis=1) if len(d) else np.zeros(0, bool)
+    if not measured[i]:
+        return st, []
     l2 = d.get("l2")[i]
     step = int(d.steps[i])
     if _skipped(d, i):

@@ -31,7 +31,7 @@ from .gradref import GradReference
 from .history import LOGGED_PARAM_STATS, PARAM_STATS, Derived, History, derive
 from .hooks import HookRegistry, iter_tensors, warn_once
 from .selection import resolve
-from .snapshots import RecentParts, snapshot_tensor, to_host
+from .snapshots import RecentParts, held_part, snapshot_tensor, to_host
 from .stats import HostRows, RankRows, StatBuffer, merge_ranks, pack_rows
 from .vocab import (ACTIVATION, GRADIENT, MAX_CALLS, PARAMETER, is_relu_like, stream_name, unit_count, unit_dim,
                     unit_layouts)
@@ -181,11 +181,13 @@ class ProbeSession:
         self._warned: set = set()
         self._peeked: Any = None
         self.disabled: set[int] = set()
-        # flight recorder (record_recent): device copies of what figures show, for the last two steps; the
-        # copies of a step whose min/max alarmed are pinned (as host arrays) until findings claim them
-        self.recent: dict[int, tuple[torch.Tensor | None, tuple[int, ...]]] | None = None
+        # flight recorder (record_recent): device copies of what figures show (small CPU tensors: held, see
+        # RecentParts), for the last three steps; those of a step whose min/max alarmed are pinned (as host arrays)
+        # until findings claim them
+        self.recent: dict[int, tuple[Any, tuple[int, ...]]] | None = None
         self._record = False
         self._ring: RecentParts | None = None
+        self._held_left = 0  # elements the recorder may still hold by reference this step
         self._kept: dict[int, dict] = {}
         self.pinned: dict[int, list[LayerSnapshot]] = {}
         self.pinned_before: tuple[int, list[LayerSnapshot]] | None = None
@@ -247,6 +249,8 @@ class ProbeSession:
         self.collecting = False
         self.capture = None
         self.recent, self._kept = None, {}
+        if self._ring is not None:
+            self._ring.settle()  # no tensor held past the run
         self.registry.remove()
         if self.params is not None:
             self.params.remove()
@@ -283,6 +287,7 @@ class ProbeSession:
                 self.recent = {}
                 if self._ring is not None:
                     self._ring.advance()
+                    self._held_left = self._ring.HELD_PER_STEP
             if self.buffer.pending >= self.buffer.rows:
                 self.flush()  # ring full: read now rather than lose steps
         self.step = int(step)
@@ -303,6 +308,8 @@ class ProbeSession:
         if self.params is not None:
             self.params.end_step()
         if self._record and self.recent is not None:
+            if self._ring is not None:
+                self._ring.settle()
             self._kept[self.step] = self.recent
             # the last three steps: a GPU alarm is read a step later, and the step before the alarmed one is the
             # "before" of its figures
@@ -402,6 +409,7 @@ class ProbeSession:
         self.capture_samples = max(1, int(samples))
         self.capture_channels = max(1, int(channels))
         self._ring = RecentParts(samples, channels) if on else None
+        self._held_left = RecentParts.HELD_PER_STEP
         if not on:
             self.recent, self._kept, self.pinned, self.pinned_before = None, {}, {}, None
 
@@ -430,7 +438,8 @@ class ProbeSession:
         if entry is None:
             entry = self._entry(i, call)
         if type(output) is torch.Tensor and not recompute:  # the common case: one plain tensor, in one call
-            if not output.is_floating_point() or output.numel() == 0:
+            n = output.numel()
+            if n == 0 or not output.is_floating_point():
                 return
             needs_grad = output.requires_grad
             grad_mode = torch.is_grad_enabled()
@@ -445,11 +454,11 @@ class ProbeSession:
                 if off:
                     _set_grad_enabled(False)
                 try:
-                    self.buffer.observe(act, output, self.full, entry[5], entry[3])
+                    self.buffer.observe(act, output, self.full, entry[5], entry[3], n)
                     if self.capture is not None and act not in self.capture:
                         self._capture(act, i, output)
                     if self.recent is not None and act not in self.recent:
-                        self.recent[act] = self._ring.keep(act, output, self.layouts[i])  # type: ignore[union-attr]
+                        self._keep(act, i, output, n)
                 finally:
                     if off:
                         _set_grad_enabled(True)
@@ -540,13 +549,31 @@ class ProbeSession:
         # backward runs without grad mode (no graph is recorded): a detach only under create_graph=True
         if grad.requires_grad:
             grad = grad.detach()
-        self.buffer.observe(slot, grad, self.full, None)
+        n = grad.numel()
+        self.buffer.observe(slot, grad, self.full, None, False, n)
         if self.capture is not None and slot not in self.capture:
             self._capture(slot, i, grad)
         if self.recent is not None and slot not in self.recent:
-            self.recent[slot] = self._ring.keep(slot, grad, self.layouts[i])  # type: ignore[union-attr]
+            self._keep(slot, i, grad, n)
 
     _on_grad = torch.compiler.disable(_observe_grad)
+
+    def _keep(self, slot: int, i: int, t: torch.Tensor, n: int) -> None:
+        """The flight recorder's entry of ``slot`` for this step: a small tensor of a stream nothing writes to after
+        its hook is held by reference, ``(t, None, its version)`` (no kernel); any other a copy of its part
+        (:class:`~lit_probe.snapshots.RecentParts`)."""
+        ring = self._ring
+        assert ring is not None and self.recent is not None
+        if slot in ring.held and n <= ring.HELD_NUMEL and self._held_left >= n and type(t) is torch.Tensor:
+            try:
+                version = t._version
+            except RuntimeError:  # an inference tensor has no version counter: copied
+                version = -1
+            if version >= 0:
+                self._held_left -= n
+                self.recent[slot] = (t, None, version)
+                return
+        self.recent[slot] = ring.keep(slot, t, self.layouts[i])
 
     def _capture(self, slot: int, i: int, t: torch.Tensor) -> None:
         assert self.capture is not None
@@ -698,10 +725,17 @@ class ProbeSession:
         the arrays are :func:`~lit_probe.snapshots.device_part` copies (already sliced), turned into host arrays
         here."""
 
-        def host(entry: Any) -> np.ndarray | None:
+        def host(entry: Any, slot: int, layout: str) -> np.ndarray | None:
             if entry is None or entry[0] is None:
                 return None
-            return to_host(entry[0]) if device else entry[0]
+            if not device:
+                return entry[0]
+            if len(entry) == 3:  # held by the flight recorder: the tensor itself, unless it was written to since
+                part = held_part(entry, self.capture_samples, self.capture_channels, layout)
+                if part is None and self._ring is not None:
+                    self._ring.copy_from_now(slot)
+                return to_host(part)
+            return to_host(entry[0])
 
         dead = self.dead_masks()
         out = []
@@ -709,11 +743,13 @@ class ProbeSession:
             if signal != SIGNAL_ACT:
                 continue
             act = capture.get(slot)
-            grad = capture.get(self._slots.get((i, call, SIGNAL_GRAD), -1))
+            gslot = self._slots.get((i, call, SIGNAL_GRAD), -1)
+            grad = capture.get(gslot)
             if act is None and grad is None:
                 continue
-            shape = (act or grad)[1]  # type: ignore[index]
-            a, g = host(act), host(grad)
+            first = act or grad
+            shape = tuple(first[0].shape) if first[1] is None else first[1]  # type: ignore[index]
+            a, g = host(act, slot, self.layouts[i]), host(grad, gslot, self.layouts[i])
             if a is None and g is None:
                 continue
             mask, source = dead.get(slot), ""

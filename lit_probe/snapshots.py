@@ -4,7 +4,8 @@ Runs only on figure steps (and, for the flight recorder, on every step while fig
 thread, inside a hook: it slices the few samples and units a figure shows *on the tensor's device*, upcasts to
 float32 and copies to the CPU exactly once. The result is a fresh numpy array that shares no memory with the
 tensor (so a later in-place op on the tensor, e.g. ``ReLU(inplace=True)``, cannot change it) and holds no
-reference to it.
+reference to it. The flight recorder (:class:`RecentParts`) keeps parts on the device for the last steps, and holds
+small CPU tensors that nothing writes to after their hook by reference instead (:func:`held_part`).
 
 Which dimension holds the units is not decided here: :func:`lit_probe.vocab.unit_dim` says it for the
 layout the session derived with :func:`lit_probe.vocab.unit_layouts` (the same axis its statistics and
@@ -20,7 +21,8 @@ import torch
 
 from .vocab import LAYOUTS, layout_for_module, unit_dim
 
-__all__ = ["LAYOUTS", "RecentParts", "device_part", "layout_for_module", "snapshot_tensor", "to_host"]
+__all__ = ["LAYOUTS", "RecentParts", "device_part", "held_part", "layout_for_module", "snapshot_tensor",
+           "to_host"]
 
 
 def snapshot_tensor(
@@ -98,26 +100,70 @@ def _figure_part(x: torch.Tensor, num_samples: int, max_channels: int, layout: s
     return x
 
 
+def held_part(entry: tuple, num_samples: int, max_channels: int, layout: str) -> torch.Tensor | None:
+    """The part a figure shows of a flight-recorder entry held by reference (``(tensor, None, version at the hook)``,
+    see :class:`RecentParts`), or ``None`` when something wrote to the tensor after its hook."""
+    t, _, version = entry
+    try:
+        same = t._version == version
+    except RuntimeError:  # pragma: no cover - an inference tensor has no version counter (never held)
+        same = False
+    return device_part(t, num_samples, max_channels, layout=layout) if same else None
+
+
 class RecentParts:
-    """The flight recorder's copies: per stream a ring of :attr:`DEPTH` device buffers of what a figure shows, so
-    that every step costs one copy per stream into memory that already exists (no allocation, no slicing logic:
-    the index of a stream's part is worked out once per shape). The session keeps the last three steps
-    (:meth:`ProbeSession.end_step`) and turns a step's parts into host arrays the moment it claims them, so a ring of
-    four (those three and the step being written) never overwrites a part still in use. Call :meth:`advance` when a
-    new step begins; :meth:`keep` from a hook, with ``t`` detached."""
+    """The flight recorder's parts, per stream, for the last :attr:`DEPTH` steps, so that a finding's figures show
+    the step that fired. An entry is ``(part, tensor's shape)``: a copy, in a ring of :attr:`DEPTH` device buffers
+    per stream of what a figure shows, so that every step costs one copy per stream into memory that already exists
+    (no allocation, no slicing logic: the index of a stream's part is worked out once per shape).
+
+    Small tensors are held by reference instead (no kernel at all: a copy of 64 floats costs what a kernel launch
+    costs, a few us, on every step and stream): the session's hooks store ``(tensor, None, its version counter)`` for
+    the streams in :attr:`held`, tensors of at most :attr:`HELD_NUMEL` elements, at most :attr:`HELD_PER_STEP`
+    elements a step (the last four steps hold at most 16 Mi elements alive). A stream is held only after a step on
+    probation: :meth:`keep` copies its part and keeps the tensor's version counter, and :meth:`settle` reads it again
+    at the step's end. A stream written to after its hook (``ReLU(inplace=True)``, ``out += identity``, a custom
+    backward that scales its gradient in place) stays copied. A held tensor written to later anyway gives no part
+    (:func:`held_part`), never a wrong one, and the session copies that stream from then on (:meth:`copy_from_now`).
+
+    The session keeps the last three steps (:meth:`ProbeSession.end_step`) and turns a step's parts into host arrays
+    the moment it claims them, so a ring of four (those three and the step being written) never overwrites a part
+    still in use. Call :meth:`advance` when a new step begins, :meth:`settle` when one ends; :meth:`keep` from a hook,
+    with ``t`` detached or under grad mode off."""
 
     DEPTH = 4
+    HELD_NUMEL = 1 << 16
+    HELD_PER_STEP = 1 << 22
 
     def __init__(self, samples: int, channels: int) -> None:
         self.samples = max(1, int(samples))
         self.channels = max(1, int(channels))
         self.pos = 0
         # slot -> [shape, dtype, device, index (None: the whole tensor; False: not drawable), ring of buffers, the
-        # part's size, the samples one narrow_copy takes (0: not that case)]
+        # part's size, the samples one narrow_copy takes (0: not that case), on probation]
         self._plans: dict[int, list] = {}
+        #: the streams held by reference (the session's hooks read it); :attr:`_copied`: judged to be copied
+        self.held: set[int] = set()
+        self._copied: set[int] = set()
+        self._probation: list[tuple[int, torch.Tensor, int]] = []
 
     def advance(self) -> None:
         self.pos = (self.pos + 1) % self.DEPTH
+
+    def settle(self) -> None:
+        """At a step's end: each stream on probation is held from now on when nothing wrote to its tensor since its
+        hook, else copied."""
+        for slot, t, version in self._probation:
+            (self.held if t._version == version else self._copied).add(slot)
+            plan = self._plans.get(slot)
+            if plan is not None:
+                plan[7] = False
+        self._probation.clear()
+
+    def copy_from_now(self, slot: int) -> None:
+        """A held tensor of ``slot`` was written to after its hook: copy that stream from now on."""
+        self.held.discard(slot)
+        self._copied.add(slot)
 
     def keep(self, slot: int, t: torch.Tensor, layout: str) -> tuple[torch.Tensor | None, tuple[int, ...]]:
         """``(copy of the part of t a figure shows, t's shape)``; the copy is ``None`` where :func:`device_part`
@@ -125,13 +171,10 @@ class RecentParts:
         shape = t.shape
         plan = self._plans.get(slot)
         if plan is None or plan[0] != shape or plan[1] is not t.dtype or plan[2] != t.device:
-            index = self._index(t, layout)
-            size = tuple(min(n, i.stop) if isinstance(i, slice) and i.stop is not None else n
-                         for n, i in zip(shape, index + (slice(None),) * (len(shape) - len(index)))) \
-                if isinstance(index, tuple) else None
-            # the first samples only, on the CPU: one kernel (narrow_copy into the ring buffer)
-            head = index[0].stop if isinstance(index, tuple) and len(index) == 1 and t.device.type == "cpu" else 0
-            plan = self._plans[slot] = [shape, t.dtype, t.device, index, [None] * self.DEPTH, size, head]
+            plan = self._plan(slot, t, layout)
+        if plan[7] and type(t) is torch.Tensor and not t.is_inference():
+            h = t.detach() if t.requires_grad else t
+            self._probation.append((slot, h, h._version))
         index = plan[3]
         if plan[6] and type(t) is torch.Tensor:
             buf = plan[4][self.pos]
@@ -155,6 +198,20 @@ class RecentParts:
         else:
             buf.copy_(part)
         return ring[self.pos], shape
+
+    def _plan(self, slot: int, t: torch.Tensor, layout: str) -> list:
+        shape = t.shape
+        index = self._index(t, layout)
+        size = tuple(min(n, i.stop) if isinstance(i, slice) and i.stop is not None else n
+                     for n, i in zip(shape, index + (slice(None),) * (len(shape) - len(index)))) \
+            if isinstance(index, tuple) else None
+        # the first samples only, on the CPU: one kernel (narrow_copy into the ring buffer)
+        head = index[0].stop if isinstance(index, tuple) and len(index) == 1 and t.device.type == "cpu" else 0
+        # a small CPU tensor of a stream not judged yet: on probation for being held by reference
+        probation = slot not in self.held and slot not in self._copied and index is not False and \
+            t.device.type == "cpu" and type(t) is torch.Tensor and t.numel() <= self.HELD_NUMEL
+        plan = self._plans[slot] = [shape, t.dtype, t.device, index, [None] * self.DEPTH, size, head, probation]
+        return plan
 
     def _index(self, t: torch.Tensor, layout: str) -> tuple | str | None | bool:
         if not _drawable(t) or t.is_quantized:

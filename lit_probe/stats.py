@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -74,6 +75,7 @@ STATE_VERSION = 2
 UNIT_ROWS = 16
 _NF, _NZ, _SUM, _L2, _MIN, _MAX = range(6)
 _FLOATS = (torch.float32, torch.float64)
+_FMAX = float(np.finfo(np.float64).max)
 #: Elements (at least) over which the non-finite and non-zero counts are taken on full steps.
 COUNT_CAP = 65536
 
@@ -153,6 +155,13 @@ class StatBuffer:
         self._sent_min: list[torch.Tensor] = []  # this step's 0-d minima / maxima, folded in by commit()
         self._sent_max: list[torch.Tensor] = []
         self._sent_slot: list[int] = []
+        # a full step's sums, L2 norms (0-d, per call) and nonzero counts: folded in by commit() with one index_add_
+        # per column, not a row view and an in-place add per tensor
+        self._full_slot: list[int] = []
+        self._full_sum: list[torch.Tensor] = []
+        self._full_l2: list[torch.Tensor] = []
+        self._nz_slot: list[int] = []
+        self._nz: list[torch.Tensor] = []
         # float32 tensors (the common case) write their min/max straight into a preallocated [2, capacity] buffer
         # (0-d views made once): no list of 0-d results and no stack in commit(); on the CPU it is also host memory
         # (`_shost`, a numpy view), so a full step reads its min/max without a tensor read
@@ -165,8 +174,11 @@ class StatBuffer:
         # this row's host bookkeeping per slot, [calls, numel, full calls, counted]: plain Python in the hooks,
         # written to the numpy arrays by commit() (idempotent: it assigns the row's totals)
         self._tally: dict[int, list[int]] = {}
+        self._tally_new = False  # a tally changed since the last commit
         self._dev_key: int | None = None  # Tensor.get_device() of the buffers' device (-1: CPU)
         self._zero_pending = False
+        self._blank: torch.Tensor | None = None  # what _reset_row copies into a row
+        self._host_views: tuple | None = None  # CPU: the buffers and numpy views of them (peek)
         self.params = 0  # modules with parameters (ensure_params)
         self._pbuf: torch.Tensor | None = None
         self.pmeasured = np.zeros((self.rows, 0, len(PARAM_COLUMNS)), dtype=np.int64)
@@ -247,9 +259,13 @@ class StatBuffer:
     def _reset_row(self, r: int) -> None:
         buf = self._buf
         assert buf is not None
-        buf[r, :, :_L2 + 1].zero_()
-        buf[r, :, _MIN].fill_(math.inf)
-        buf[r, :, _MAX].fill_(-math.inf)
+        blank = self._blank
+        if blank is None or blank.shape[0] != buf.shape[1]:  # an empty row: counts and sums 0, min +inf, max -inf
+            with torch.inference_mode(False):
+                blank = self._blank = torch.zeros(buf.shape[1:], dtype=buf.dtype, device=buf.device)
+                blank[:, _MIN] = math.inf
+                blank[:, _MAX] = -math.inf
+        buf[r].copy_(blank)  # one kernel
         self._scale[r].fill_(math.nan)  # type: ignore[index]
         if self._pbuf is not None:
             self._pbuf[r].zero_()
@@ -275,10 +291,12 @@ class StatBuffer:
     def commit(self) -> None:
         """Fold the step's pending min/max values into the current row (a few kernels, no host sync), and the
         host bookkeeping of its calls."""
-        if self._tally:  # one assignment per column for every slot (not four numpy item writes per slot)
+        if self._tally_new:  # one assignment per column for every slot (not four numpy item writes per slot)
+            self._tally_new = False
             r = self.row
-            slots = np.fromiter(self._tally.keys(), dtype=np.int64, count=len(self._tally))
-            tally = np.array(list(self._tally.values()), dtype=np.int64)
+            k = len(self._tally)
+            slots = np.fromiter(self._tally.keys(), dtype=np.int64, count=k)
+            tally = np.fromiter(chain.from_iterable(self._tally.values()), dtype=np.int64, count=4 * k).reshape(k, 4)
             self.calls[r, slots] = tally[:, 0]
             self.numel[r, slots] = tally[:, 1]
             self.full[r, slots] = tally[:, 2]
@@ -286,8 +304,11 @@ class StatBuffer:
         if self._buf is None:
             self._sent_min, self._sent_max, self._sent_slot, self._sent_units = [], [], [], []
             self._fast_slot = []
+            self._drop_full()
             return
         row = self._buf[self.row]
+        if self._full_slot:
+            self._fold_full(row)
         if self._sent_slot:
             k = len(self._sent_slot)
             vals = torch.stack(self._sent_min + self._sent_max).to(torch.float32)
@@ -326,6 +347,23 @@ class StatBuffer:
             row[:, _MIN].scatter_reduce_(0, idx, vals, "amin")
         self._sent_min, self._sent_max, self._sent_slot, self._sent_units = [], [], [], []
 
+    def _fold_full(self, row: torch.Tensor) -> None:
+        """Add the staged sums and sums of squares (float64: a float32 square overflows beyond 1.8e19) to the row:
+        L2 = sqrt(L2 already in the row ** 2 + the new squares); the nonzero counts likewise."""
+        idx = torch.tensor(self._full_slot, dtype=torch.int64).to(self.device, non_blocking=True)
+        acc = torch.zeros((row.shape[0], 2), dtype=torch.float64, device=row.device)
+        acc[:, 0].index_add_(0, idx, torch.stack(self._full_sum).to(torch.float64))
+        acc[:, 1].index_add_(0, idx, torch.stack(self._full_l2).to(torch.float64).square_())
+        row[:, _SUM] += acc[:, 0]
+        row[:, _L2] = row[:, _L2].to(torch.float64).square_().add_(acc[:, 1]).sqrt_()
+        if self._nz_slot:
+            idx = torch.tensor(self._nz_slot, dtype=torch.int64).to(self.device, non_blocking=True)
+            row[:, _NZ].index_add_(0, idx, torch.stack(self._nz).to(row.dtype))
+        self._drop_full()
+
+    def _drop_full(self) -> None:
+        self._full_slot, self._full_sum, self._full_l2, self._nz_slot, self._nz = [], [], [], [], []
+
     def _grow_sentinel(self, need: int) -> None:
         """Room for ``need`` float32 min/max pairs a step (between steps: commit() has read the old buffer)."""
         cap = max(64, need + need // 2)
@@ -349,6 +387,15 @@ class StatBuffer:
         if self._buf is None or not self._pending:
             return None
         self.commit()
+        if self.device is not None and self.device.type == "cpu":  # the buffers are host memory: read them in place
+            views = self._host_views
+            if views is None or views[0] is not self._buf or views[1] is not self._scale:
+                views = self._host_views = (self._buf, self._scale, self._buf.numpy(), self._scale.numpy())
+            row = views[2][self.row]
+            flat = np.empty(2 * len(row) + 1)
+            flat[:-1].reshape(-1, 2)[:] = row[:, _MIN:_MAX + 1]
+            flat[-1] = views[3][self.row, 0]
+            return self.step, torch.from_numpy(flat), None
         mm = torch.cat([self._buf[self.row, :, _MIN:_MAX + 1].reshape(-1), self._scale[self.row, :1]])  # type: ignore[index]
         if self.device is not None and self.device.type == "cuda":
             host = torch.empty(mm.shape, dtype=mm.dtype, pin_memory=True)
@@ -356,7 +403,7 @@ class StatBuffer:
             event = torch.cuda.Event()
             event.record()
             return self.step, host, event
-        return self.step, mm.detach().to("cpu", copy=True), None
+        return self.step, mm.to("cpu"), None
 
     @staticmethod
     def alarm(peeked: tuple[int, torch.Tensor, object], bound: float | np.ndarray,
@@ -368,7 +415,9 @@ class StatBuffer:
         _, host, event = peeked
         if event is not None:
             event.synchronize()  # type: ignore[attr-defined]
-        flat = host.numpy().astype(np.float64)
+        flat = host.numpy()
+        if flat.dtype != np.float64:
+            flat = flat.astype(np.float64)
         scale, mm = flat[-1], flat[:-1].reshape(-1, 2)
         n = len(mm)
         if grad_slots is not None and np.isfinite(scale) and scale > 0:
@@ -378,17 +427,21 @@ class StatBuffer:
         b = np.asarray(bound, dtype=np.float64).reshape(-1)
         if b.size != n:
             b = np.concatenate([b[:n], np.full(max(0, n - b.size), b[-1])])
-        with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(mm).all(axis=1) | (np.abs(mm).max(axis=1) > b)
+        # within the bound and finite: NaN compares False, and an infinite bound still flags an Inf (the largest
+        # finite float)
+        ok = np.abs(mm).max(axis=1) <= np.minimum(b, _FMAX)
+        if ok.all():
+            return False
         untouched = (mm[:, 0] == np.inf) & (mm[:, 1] == -np.inf)  # a slot nothing observed this step
-        return bool((bad & ~untouched).any())
+        return bool((~ok & ~untouched).any())
 
     # ------------------------------------------------------------------ hot path
     def observe(self, slot: int, t: torch.Tensor, full: bool, channel_dim: int | None = None,
-                watch_units: bool = False) -> None:
+                watch_units: bool = False, n: int = -1) -> None:
         """Reduce ``t`` into the current row. ``channel_dim`` set: also track per-unit activity on that dimension
         (the caller asks :func:`lit_probe.vocab.unit_dim`, the one owner of the unit axis), on full steps, or on
-        every step with ``watch_units`` (the streams judged for dead units: one more reduction per step)."""
+        every step with ``watch_units`` (the streams judged for dead units: one more reduction per step). ``n``:
+        ``t.numel()`` when the caller knows it already."""
         if self._buf is None:
             self._alloc(t.device)
         if not self._pending:
@@ -398,17 +451,18 @@ class StatBuffer:
         assert buf is not None
         if t.get_device() != self._dev_key and t.device != self.device:
             t = t.to(self.device, non_blocking=True)  # model-parallel: keep the one buffer
-        if t.dim() == 0:
+        if n < 0:
+            n = t.numel()
+        if n == 1 and t.dim() == 0:
             t = t.reshape(1)
-        n = t.numel()
         tally = self._tally.get(slot)
-        first = tally is None
         if tally is None:
             self.order[r].append(slot)
             tally = self._tally[slot] = [1, n, 0, 0]
         else:
             tally[0] += 1
             tally[1] += n
+        self._tally_new = True
         track = channel_dim is not None and slot not in self._bad_channels
         if track and watch_units and self._watch_units(slot, t, channel_dim, sentinel=not full):
             return  # a step without full statistics: the per-unit maxima were the sentinel
@@ -432,7 +486,6 @@ class StatBuffer:
             return
         native = t.dtype in _FLOATS
         tally[2] += 1
-        row = buf[r, slot]
         head = t if n <= COUNT_CAP or t.dim() < 2 else t[:max(1, -(-COUNT_CAP * t.shape[0] // n))]
         tally[3] += head.numel()
         # counts: x - x is 0 where finite and NaN where NaN/Inf, and count_nonzero counts NaN. On the CPU a
@@ -440,18 +493,14 @@ class StatBuffer:
         shost = self._shost
         if shost is None or not self._fast_slot or self._fast_slot[-1] != slot or \
                 not (math.isfinite(shost[0, k]) and math.isfinite(shost[1, k])):
-            row[_NF] += torch.count_nonzero(head - head)
+            buf[r, slot, _NF] += torch.count_nonzero(head - head)
         if channel_dim is not None:
-            row[_NZ] += torch.count_nonzero(head)
+            self._nz.append(torch.count_nonzero(head))
+            self._nz_slot.append(slot)
         acc = None if native else torch.float32  # sums accumulate in float32 without a float32 copy
-        if first:
-            torch.sum(t, dim=tuple(range(t.dim())), out=row[_SUM]) if acc is None else \
-                row[_SUM].copy_(t.sum(dtype=acc))
-            torch.linalg.vector_norm(t, dtype=acc, out=row[_L2]) if acc is None else \
-                row[_L2].copy_(torch.linalg.vector_norm(t, dtype=acc))
-        else:
-            row[_SUM] += t.sum(dtype=acc)
-            torch.hypot(row[_L2], torch.linalg.vector_norm(t, dtype=acc), out=row[_L2])
+        self._full_sum.append(t.sum(dtype=acc))
+        self._full_l2.append(torch.linalg.vector_norm(t, dtype=acc))
+        self._full_slot.append(slot)
 
     def _unit_start(self, slot: int, units: int) -> torch.Tensor | None:
         """The slot's last-fired steps (made at its first step: every unit at that step), or ``None`` when its
@@ -580,16 +629,20 @@ class StatBuffer:
         known", never "did not fire", and a row the slot did not write holds -inf. ``reset``: empty the ring."""
         if not self._uring or self._ustep is None:
             return
+        rings, lasts = [], []
         for slot, ring in self._uring.items():
             last = self.last_fired.get(slot)
-            if last is None:
-                continue
-            fired = ring.le(0).logical_not_()
-            stamp = torch.where(fired, self._ustep, -math.inf).amax(0)
-            torch.maximum(last, stamp, out=last)
-            if reset:
-                ring.fill_(-math.inf)
+            if last is not None:
+                rings.append(ring)
+                lasts.append(last)
+        if rings:  # every watched slot at once: one cat and four kernels, then one fused maximum per slot
+            units = torch.cat(rings, dim=1) if len(rings) > 1 else rings[0]
+            stamp = torch.where(units.le(0).logical_not_(), self._ustep, -math.inf).amax(0)
+            torch._foreach_maximum_(lasts, list(stamp.split([r.shape[1] for r in rings])))
         if reset:
+            empty = torch.full((), -math.inf, dtype=torch.float32, device=self._ustep.device)
+            everything = list(self._uring.values())
+            torch._foreach_copy_(everything, [empty.expand(r.shape) for r in everything])
             self._upos = 0
             self._ur = -1
             self._ucycle += 1
@@ -669,6 +722,7 @@ class StatBuffer:
         """Drop the device buffers (after a run); a later step allocates them again."""
         self._buf = self._scale = self._pbuf = None
         self._sent_min, self._sent_max, self._sent_slot = [], [], []
+        self._drop_full()
         self._sbuf = self._shost = self._fast_idx = None
         self._sviews, self._fast_slot, self._fast_need = [], [], 0
         self.device = None

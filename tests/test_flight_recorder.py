@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from lit_probe import FeatureProbe
-from lit_probe.session import ProbeSession
+from lit_probe.session import SIGNAL_ACT, ProbeSession
 from models import Classifier, make_loader, mlp, trainer
 from test_bugs import NaNAt, StepAware
 
@@ -197,3 +197,91 @@ def test_the_recorders_ring_keeps_each_steps_part_in_its_own_buffer(shape, layou
         kept.append(part)
         for back in range(min(RecentParts.DEPTH, len(kept))):  # the parts still in the ring are intact
             np.testing.assert_array_equal(snapshot_tensor(kept[-1 - back], 1, 64, layout=layout), want[-1 - back])
+
+
+class _WritesAfterItsHook(nn.Module):
+    """A Linear whose output a later module changes in place at step ``at`` only (``ReLU(inplace=True)`` on one
+    step): what a stream held by reference must never show."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(32, 32)
+        self.at, self.step = at, -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        z = y.tanh()
+        if self.step == self.at:
+            with torch.no_grad():
+                y.mul_(0)  # written to after `lin`'s hook (tanh has read it; its backward needs only its result)
+        return z
+
+
+def test_the_recorder_holds_small_streams_nothing_writes_to_and_copies_the_rest():
+    """Small CPU tensors are held by reference (no copy) once a step showed that nothing writes to them after their
+    hook; a stream written to in place after its hook (ReLU(inplace=True) on a Linear's output) stays copied; a held
+    tensor written to later anyway gives no part, never a wrong one, and is copied from then on. The oracle: clones
+    taken by plain forward hooks, registered before the probe's."""
+    from lit_probe.snapshots import snapshot_tensor
+
+    torch.manual_seed(0)
+    at = 6
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=True), _WritesAfterItsHook(at), nn.Linear(32, 4))
+    seen: dict[str, torch.Tensor] = {}
+    for name in ("0", "2.lin", "3"):
+        net.get_submodule(name).register_forward_hook(
+            lambda m, i, o, _n=name: seen.__setitem__(_n, o.detach().clone()))
+    session = ProbeSession.from_model(net, ["0", "2.lin", "3"], every_n_steps=1)
+    session.record_recent(True, samples=1, channels=64)
+    act = {n: session._slots[(session.names.index(n), 0, SIGNAL_ACT)] for n in ("0", "2.lin", "3")}
+    with session:
+        for step in range(at + 3):
+            net[2].step = step
+            session.begin_step(step)
+            net(torch.randn(8, 16)).square().mean().backward()
+            session.end_step()
+            held = {n for n, slot in act.items() if len(session.recent[slot]) == 3}
+            if step == 0:
+                assert held == set()  # the first step: every stream on probation, copied
+            elif step < at:
+                assert held == {"2.lin", "3"}  # `0` is written to by ReLU(inplace=True): copied
+            want = {n: snapshot_tensor(seen[n], 1, 64) for n in act}
+            at_step, snaps = session.claim_recent(step)
+            assert at_step == step
+            got = {s.name: s.activation for s in snaps}
+            for n in act:
+                if step == at and n == "2.lin":  # held, then written to after its hook: no part rather than a wrong one
+                    assert got.get(n) is None
+                else:
+                    np.testing.assert_array_equal(got[n], want[n])
+            assert snaps[0].gradient is not None
+        assert act["2.lin"] not in session._ring.held and act["3"] in session._ring.held  # copied since step `at`
+        assert len(session.recent[act["2.lin"]]) == 2
+    assert session._ring._probation == [] and session._kept == {}  # closed: nothing held
+
+
+def test_the_recorder_holds_no_more_than_its_budget_per_step(monkeypatch):
+    """At most HELD_PER_STEP elements are held per step (the rest copied, every part still right), so the last steps
+    keep a bounded amount of memory alive."""
+    from lit_probe.snapshots import RecentParts, snapshot_tensor
+
+    monkeypatch.setattr(RecentParts, "HELD_PER_STEP", 2 * 8 * 32)  # two [8, 32] tensors a step
+    torch.manual_seed(0)
+    net = mlp(depth=4)  # Linear, ReLU pairs and a head: every stream [8, 32] but the head's [8, 4]
+    seen: dict[int, torch.Tensor] = {}
+    session = ProbeSession.from_model(net, ["0", "2", "4", "6"], every_n_steps=1)
+    for k, name in enumerate(["0", "2", "4", "6"]):
+        net.get_submodule(name).register_forward_hook(lambda m, i, o, _k=k: seen.__setitem__(_k, o.detach().clone()))
+    session.record_recent(True, samples=1, channels=64)
+    with session:
+        for step in range(4):
+            session.begin_step(step)
+            net(torch.randn(8, 16)).sum().backward()
+            session.end_step()
+            held = [e for e in session.recent.values() if len(e) == 3]
+            assert sum(e[0].numel() for e in held) <= RecentParts.HELD_PER_STEP
+            if step:
+                assert len(held) == 2
+            snaps = {s.name: s for s in session.claim_recent(step)[1]}
+            for k, name in enumerate(["0", "2", "4", "6"]):
+                np.testing.assert_array_equal(snaps[name].activation, snapshot_tensor(seen[k], 1, 64))

@@ -37,6 +37,10 @@ CASES = {
     "two-calls": [torch.randn(3, 4, 2, 2), torch.randn(5, 4, 2, 2) * 3],
     "bf16": [torch.randn(4, 8, 3, 3).to(torch.bfloat16)],
     "fp16-large": [torch.full((4, 8), 300.0, dtype=torch.float16)],  # (x*x).mean() overflows in fp16
+    # each call's sum of squares (2e38) fits float32, both together do not: the calls add up in float64
+    "fp32-large": [torch.full((4, 8), 2.5e18), torch.full((4, 8), -2.5e18)],
+    "float64": [torch.randn(5, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)],
+    "three-calls": [torch.randn(2, 4), torch.zeros(3, 4), torch.randn(1, 4) * 10],
 }
 
 
@@ -50,6 +54,23 @@ def test_full_statistics_match_reference(case):
         assert math.isclose(got[k], ref[k], rel_tol=1e-4, abs_tol=1e-6), (k, got[k], ref[k])
     assert got["nonfinite"] == 0
     assert all(math.isfinite(got[k]) for k in ("mean", "rms", "absmax"))
+
+
+def test_a_step_read_between_its_calls_adds_up_like_one():
+    """Gradient accumulation: the per-step alarm reads (commits) the row between a step's batches; the sums, norms
+    and counts of the calls before and after it add up to the reference of all of them."""
+    ts = [torch.randn(3, 4, 2, 2), torch.relu(torch.randn(5, 4, 2, 2)) * 3, torch.randn(2, 4, 2, 2)]
+    buf = StatBuffer(slots=2, rows=4)
+    buf.begin_step(7)
+    for t in ts:
+        buf.observe(0, t, True, 1)
+        assert buf.peek() is not None
+    host, _ = buf.read()
+    d = derive(host, np.array([False, True]), np.array([True, False]))
+    got = {s: float(d.values[0, 0, i]) for i, s in enumerate(STATS)}
+    ref = reference(ts)
+    for k in ("mean", "rms", "absmax", "min", "max", "zero_fraction"):
+        assert math.isclose(got[k], ref[k], rel_tol=1e-5, abs_tol=1e-7), (k, got[k], ref[k])
 
 
 def test_nonfinite_count_and_flag():
@@ -160,6 +181,10 @@ def test_sentinel_peek_flags_nonfinite_and_the_bound_but_not_untouched_slots():
     buf.begin_step(1)
     buf.observe(3, torch.tensor([float("-inf"), 0.0]), full=False)
     assert StatBuffer.alarm(buf.peek(), bound=1e6)  # -Inf, in the new row
+    assert StatBuffer.alarm(buf.peek(), bound=math.inf)  # an infinite bound still flags -Inf
+    assert StatBuffer.alarm(buf.peek(), bound=np.array([1e6, 1e6, 1e6, math.inf]))  # one per slot
+    peeked = buf.peek()
+    assert peeked is not None and not np.shares_memory(peeked[1].numpy(), buf._buf.numpy())  # a copy of the row
     host, _ = buf.read()
     assert np.isnan(host.dev[0, 2, 4:]).all() and host.dev[1, 3, 4] == -np.inf  # the rows kept their values
 
